@@ -1,0 +1,192 @@
+"""`derta` command line. Every command takes an optional `--config` (a file or a preset name in configs/) and
+`--set key=value` overrides; with no config it runs the embedded default (tiny model, synthetic corpus)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from derta.config import ConfigError, DertaConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DeRTa on Ray: data preparation, training, serving and evaluation.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpus -> DeRTa training examples.")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file or preset name (configs/<name>.yaml)")
+SetOpt = typer.Option(None, "--set", help="override, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _config(config: Optional[str], overrides: Optional[List[str]]) -> DertaConfig:
+    try:
+        return load_config(config or "tiny", overrides)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _guard(fn):
+    """Turn expected failures (bad config, bad data) into one clear line instead of a traceback."""
+    from derta.data import DataQualityError
+    from derta.transforms import RefusalTokenError
+
+    try:
+        return fn()
+    except (ConfigError, DataQualityError, RefusalTokenError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    output: Path = typer.Option(..., "--output", "-o", help="directory for Parquet, stats.json, quarantine.jsonl"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    input_: Optional[List[str]] = typer.Option(None, "--input", "-i", help="read these files/dirs instead"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="vanilla | recaug | derta"),
+):
+    """Write the tokenized DeRTa dataset (Parquet) and a stats report."""
+    overrides = list(set_ or []) + ([f"data.mode={mode}"] if mode else [])
+    cfg = _config(config, overrides)
+
+    def run():
+        from derta.data import write_prepared
+        from derta.modeling import resolve_model_path
+        from derta.runtime import init_ray
+
+        tokenizer_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
+        init_ray()
+        stats = write_prepared(cfg, cfg.model.tokenizer or tokenizer_path, output, input_)
+        typer.echo(json.dumps({k: stats[k] for k in ("mode", "source_rows", "examples_by_kind", "quarantined",
+                                                     "padding_waste")}, indent=2))
+        typer.echo(f"wrote {stats['examples_dir']} and {output / 'stats.json'}")
+
+    _guard(run)
+
+
+@app.command()
+def train(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default train.output_dir)"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+):
+    """DeRTa fine-tuning with Ray Train; writes checkpoints, OUTPUT/final and OUTPUT/metrics.jsonl."""
+    cfg = _config(config, set_)
+
+    def run():
+        from derta.trainer import run_training
+
+        final = run_training(cfg, output)
+        typer.echo(f"final model: {final}")
+
+    _guard(run)
+
+
+@app.command()
+def serve(
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="checkpoint dir, adapter dir or hub id"),
+    port: Optional[int] = typer.Option(None, "--port"),
+):
+    """Serve /generate, /probe and /v1/* on 127.0.0.1 (default: the newest local tiny checkpoint)."""
+    cfg = _config(config, set_)
+
+    def run():
+        from serve.app import run_local
+
+        run_local(cfg, model=model, port=port)
+
+    _guard(run)
+
+
+@app.command("eval")
+def eval_(
+    output: Path = typer.Option(..., "--output", "-o"),
+    model: List[str] = typer.Option(..., "--model", "-m", help="checkpoint/HF path/hub id or http(s) endpoint URL"),
+    suite: Optional[List[str]] = typer.Option(None, "--suite", "-s"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Evaluate one or more models on attack, over-refusal and helpfulness suites; write a report."""
+    cfg = _config(config, set_)
+
+    def run():
+        from derta.evaluation import run_eval
+
+        summary = run_eval(cfg, models=model, suites=suite or cfg.eval.suites, output=output)
+        typer.echo(json.dumps(summary, indent=2))
+
+    _guard(run)
+
+
+@app.command()
+def judge(
+    input_: Path = typer.Option(..., "--input", "-i", help="JSONL rows with prompt and completion"),
+    output: Path = typer.Option(..., "--output", "-o"),
+):
+    """Judge any outputs file: adds refused, attack_success and reason to each row."""
+    from derta.judge import judge_completion
+
+    if not input_.exists():
+        _fail(f"input file not found: {input_}")
+    written = 0
+    with input_.open(encoding="utf-8", errors="replace") as src, output.open("w") as dst:
+        for number, line in enumerate(src, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                verdict = judge_completion(str(row["prompt"]), str(row["completion"]), str(row.get("prefix") or ""))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                _fail(f"{input_}:{number}: need a JSON object with 'prompt' and 'completion' ({err})")
+            row.update(refused=verdict.refused, attack_success=verdict.attack_success, reason=verdict.reason)
+            dst.write(json.dumps(row) + "\n")
+            written += 1
+    typer.echo(f"judged {written} rows -> {output}")
+
+
+@app.command()
+def experiment(
+    output: Path = typer.Option(Path("runs/experiment"), "--output", "-o"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+):
+    """The paper's finding at toy scale: base -> vanilla / recaug / derta, then prefilling attacks."""
+    cfg = _config(config, set_)
+
+    def run():
+        from derta.experiment import run_experiment
+
+        summary = run_experiment(cfg, output)
+        typer.echo(json.dumps(summary, indent=2))
+
+    _guard(run)
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
+         config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Embedded default end to end: prepare data, train the tiny model with DeRTa, probe the effect."""
+    cfg = _config(config, set_)
+
+    def run():
+        from derta.demo import run_demo
+
+        run_demo(cfg, output)
+
+    _guard(run)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,341 @@
+"""One validated config schema for the CLI, Ray jobs and Ray Serve.
+
+A config is a YAML file (presets live in `configs/`) plus `--set key=value` overrides. Every error names
+the field and, when it came from a file, the file and line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to change."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SourceConfig(Strict):
+    """One corpus source: a JSONL/Parquet file or directory, or an HF `save_to_disk` directory."""
+
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    # canonical field -> column name in this source, e.g. {instruction: prompt, harmful_response: text}
+    columns: dict[str, str] = Field(default_factory=dict)
+    # regex with one group that extracts the instruction from an already-rendered prompt
+    instruction_regex: str | None = None
+    # end-of-text markers that some corpora bake into the response text
+    strip_suffixes: list[str] = Field(default_factory=lambda: ["<|end_of_text|>", "<|eot_id|>", "</s>"])
+    # force the row kind instead of inferring it from the columns
+    kind: Literal["auto", "helpful", "safety", "chat", "rendered"] = "auto"
+
+
+class SyntheticConfig(Strict):
+    n_helpful: int = Field(3000, ge=0)
+    n_harmful: int = Field(800, ge=0)
+    n_lookalike: int = Field(300, ge=0)
+    heldout_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+
+class MixConfig(Strict):
+    """Target number of training rows per kind (null = all available). Paper: 60K / 3K / 3K."""
+
+    helpful: int | None = Field(None, ge=0)
+    harmful_prefix: int | None = Field(None, ge=0)
+    rto: int | None = Field(None, ge=0)
+
+
+DEFAULT_REFUSALS = [
+    "Sorry, I can't help with that. It could cause real harm, so I won't provide it.",
+    "Sorry, but I won't help with this request. Is there something else I can do for you?",
+    "Sorry, I cannot assist with that. It would be unsafe and possibly illegal.",
+]
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=list)  # empty: the bundled synthetic corpus
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    mode: Literal["vanilla", "recaug", "derta"] = "derta"
+    mix: MixConfig = Field(default_factory=MixConfig)
+    k0_fraction: float = Field(1 / 3, ge=0, le=1, description="share of harmful-prefix rows with k = 0")
+    max_length: int = Field(512, ge=8)
+    max_chars: int = Field(32_000, ge=1, description="longer text fields are quarantined")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    refusal_string: str = "Sorry"
+    probe_refusal_strings: list[str] = Field(default_factory=lambda: ["Sorry"])
+    refusal_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS))
+    use_chat_template: bool = True
+    plain_template: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    system_prompt: str | None = None
+    seed: int = 0
+    tokenize_concurrency: int = Field(1, ge=1)
+    tokenize_batch_size: int = Field(256, ge=1)
+
+    @field_validator("plain_template")
+    @classmethod
+    def _template_has_slot(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("plain_template must contain '{instruction}'")
+        return v
+
+    @field_validator("refusal_string")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("refusal_string must be non-empty, e.g. 'Sorry'")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- model
+class TinyModelConfig(Strict):
+    """The embedded default: a small random-init Llama plus a BPE tokenizer trained on the synthetic corpus."""
+
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelConfig(Strict):
+    # "tiny" = the embedded default (built locally, never downloaded); else a local HF path or a hub id
+    name_or_path: str = "tiny"
+    tokenizer: str | None = None
+    adapter: str | None = None  # a PEFT adapter to load on top (serve/eval)
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    tiny_dir: str = "~/.cache/derta/tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    output_dir: str = "runs/tiny"
+    run_name: str = "derta"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = 1.0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, description="rows per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    mle_weight: float = Field(1.0, ge=0)
+    rto_weight: float = Field(1.0, ge=0)
+    group_buffer_batches: int = Field(32, ge=1, description="batches sorted together for length grouping")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    fault_at_step: int | None = Field(None, ge=1, description="test switch: crash rank 1 (or 0) once at step k")
+    seed: int = 0
+    torch_threads: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- serve
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_name: str = "derta"
+    # name -> {model path, optional adapter}; requests may only name registry entries
+    registry: dict[str, dict[str, str]] = Field(default_factory=dict)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_input_tokens: int = Field(1024, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    api_key: str | None = None  # or env DERTA_API_KEY
+    probe_threshold: float = Field(0.5, gt=0, lt=1)
+    probe_verify_tokens: int = Field(16, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+class EvalConfig(Strict):
+    suites: list[str] = Field(default_factory=lambda: ["synthetic_prefill", "synthetic_helpful"])
+    data_dir: str | None = None
+    prefill_ks: list[int] = Field(default_factory=lambda: [0, 5, 10, 20, 40])
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(32, ge=1)
+    concurrency: int = Field(1, ge=1)
+    limit: int | None = Field(None, ge=1)
+    judge: Literal["rules", "endpoint", "classifier"] = "rules"
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_classifier: str | None = None
+    seed: int = 0
+
+
+class DertaConfig(Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    base: str | None = Field(None, description="another preset this one extends")
+
+    @model_validator(mode="after")
+    def _lengths_fit_model(self) -> "DertaConfig":
+        if self.model.name_or_path == "tiny" and self.data.max_length > self.model.tiny.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length={self.data.max_length} exceeds model.tiny.max_position_embeddings="
+                f"{self.model.tiny.max_position_embeddings}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(item: str) -> dict:
+    """`train.lr=1e-4` -> {"train": {"lr": 1e-4}}; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def _yaml_line(path: Path, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML key at `loc`, or None when the key is not in the file."""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, ...)")
+    return data
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A path, or a preset name from configs/ (`tiny` -> configs/tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def _load_layers(path: Path, seen: tuple = ()) -> tuple[dict, list[Path]]:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base' chain")
+    data = _read_yaml(path)
+    files = [path]
+    if data.get("base"):
+        base_path = resolve_preset(data["base"])
+        if not base_path.is_absolute() and not base_path.exists():
+            base_path = path.parent / data["base"]
+        base_data, base_files = _load_layers(base_path, seen + (path.resolve(),))
+        data = _deep_merge(base_data, {k: v for k, v in data.items() if k != "base"})
+        files = base_files + files
+    return data, files
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DertaConfig:
+    """Load a preset/YAML file (or the defaults), apply `key=value` overrides, validate."""
+    data: dict = {}
+    files: list[Path] = []
+    if path is not None:
+        data, files = _load_layers(resolve_preset(path))
+    for item in overrides or []:
+        data = _deep_merge(data, parse_override(item))
+    data.pop("base", None)
+    try:
+        return DertaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, files, overrides or [])) from None
+
+
+def _describe(err: ValidationError, files: list[Path], overrides: list[str]) -> str:
+    lines = ["invalid config:"]
+    for problem in err.errors():
+        loc = tuple(problem["loc"])
+        field = ".".join(str(p) for p in loc) or "<root>"
+        where = ""
+        if any(field.startswith(o.split("=", 1)[0].strip()) for o in overrides):
+            where = "--set: "
+        for file in reversed(files if not where else []):
+            line = _yaml_line(file, loc)
+            if line:
+                where = f"{file}:{line}: "
+                break
+        lines.append(f"  {where}{field}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def dump_config(config: DertaConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

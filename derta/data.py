@@ -1,0 +1,338 @@
+"""Corpus -> DeRTa training examples, streamed through Ray Data.
+
+    sources (JSONL / Parquet / HF save_to_disk / synthetic)
+      -> read_binary_files + flat_map(parse)    one row per source line, with file and line number
+      -> map_batches(normalize)                 canonical record, or an `error` naming the field
+      -> map_batches(Tokenize, actor pool)      DeRTa examples (helpful / harmful_prefix / rto), vectorised
+      -> split: good rows -> Parquet / trainer; bad rows -> quarantine.jsonl; mix sampling per kind
+
+Nothing is dropped silently: malformed rows and rows that lose all loss tokens to truncation are written to the
+quarantine file with source, line and reason, and counted in the stats.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig
+from derta.schema import RECORD_COLUMNS, normalize_record
+from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_record, refusal_token_id, unit_hash
+
+EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
+                   "num_loss_tokens", "prefix_len")
+BAD_KINDS = ("bad", "no_loss")
+
+
+class DataQualityError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ reading
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf_disk" if (path / "state.json").exists() else "dir"
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".jsonl", ".json", ".jsonl.gz", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .jsonl, .json, .parquet, "
+                      "or a directory of them / an HF save_to_disk directory (set `format` to override)")
+
+
+def expand_source(source: SourceConfig) -> list[tuple[str, str]]:
+    """(file path, format) pairs for one configured source."""
+    path = Path(os.path.expanduser(source.path))
+    if not path.exists():
+        raise ConfigError(f"data source not found: {source.path}")
+    fmt = source.format if source.format != "auto" else detect_format(path)
+    if fmt == "dir":
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".parquet"))
+        if not files:
+            raise ConfigError(f"{path}: directory has no .jsonl/.json/.parquet files")
+        return [(str(p), detect_format(p)) for p in files]
+    if fmt == "hf_disk":
+        state = json.loads((path / "state.json").read_text())
+        return [(str(path / f["filename"]), "arrow") for f in state["_data_files"]]
+    return [(str(path), fmt)]
+
+
+def parse_file(path: str, data: bytes, fmt: str) -> list[dict]:
+    """Raw rows of one file: {source, line, raw} or {source, line, error}. Lines/rows are 1-based."""
+    if fmt == "jsonl":
+        return list(_parse_jsonl(path, data))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(io.BytesIO(data))
+        else:
+            table = pa.ipc.open_stream(io.BytesIO(data)).read_all()
+    except Exception as err:  # noqa: BLE001 - any unreadable file becomes one quarantined row
+        return [{"source": path, "line": 0, "raw": None, "error": f"unreadable {fmt} file: {err}"}]
+    return [{"source": path, "line": i + 1, "raw": json.dumps(row, default=str), "error": None}
+            for i, row in enumerate(table.to_pylist())]
+
+
+def _parse_jsonl(path: str, data: bytes):
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        row = {"source": path, "line": number, "raw": None, "error": None}
+        try:
+            text = line.decode("utf-8")
+            json.loads(text)
+            row["raw"] = text
+        except UnicodeDecodeError as err:
+            row["error"] = f"not UTF-8: {err}"
+        except json.JSONDecodeError as err:
+            row["error"] = f"bad JSON: {err.msg} at column {err.colno}"
+        yield row
+
+
+def read_raw(sources: list[SourceConfig]):
+    """A Ray Dataset of raw rows from all sources (streamed: one read task per file)."""
+    import ray
+
+    datasets = []
+    for index, source in enumerate(sources):
+        for path, fmt in expand_source(source):
+            ds = ray.data.read_binary_files(path, include_paths=True)
+            datasets.append(ds.flat_map(
+                lambda row, fmt=fmt, index=index: [dict(r, source_index=index)
+                                                   for r in parse_file(row["path"], row["bytes"], fmt)]))
+    if not datasets:
+        raise ConfigError("no data sources configured")
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def normalize_batch(batch: dict, sources: list[dict], max_chars: int) -> dict:
+    out = {column: [] for column in RECORD_COLUMNS}
+    for i in range(len(batch["source"])):
+        source = sources[int(batch["source_index"][i])]
+        if batch["error"][i] is not None:
+            record = dict.fromkeys(RECORD_COLUMNS)
+            record["error"] = batch["error"][i]
+        else:
+            record = normalize_record(json.loads(batch["raw"][i]), kind=source["kind"], columns=source["columns"],
+                                      instruction_regex=source["instruction_regex"],
+                                      strip_suffixes=source["strip_suffixes"], max_chars=max_chars)
+        record.update(source=batch["source"][i], line=int(batch["line"][i]))
+        record["uid"] = f"{record['source']}:{record['line']}"
+        if record["error"]:
+            record["kind"] = "bad"
+        for column in RECORD_COLUMNS:
+            out[column].append(record[column])
+    return out
+
+
+def read_records(data: DataConfig, sources: list[SourceConfig]):
+    """Canonical records (with `error` on bad rows) as a Ray Dataset."""
+    source_dicts = [s.model_dump() for s in sources]
+    return read_raw(sources).map_batches(
+        normalize_batch, fn_kwargs={"sources": source_dicts, "max_chars": data.max_chars},
+        batch_size=512)
+
+
+def synthetic_sources(data: DataConfig, workdir: Path) -> list[SourceConfig]:
+    """Write the synthetic training splits to `workdir` and return them as sources."""
+    from derta.synthetic import write_corpus
+
+    paths = write_corpus(workdir, **data.synthetic.model_dump())
+    return [SourceConfig(path=str(paths[split])) for split in ("train_helpful", "train_safety")]
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
+class Tokenize:
+    """Ray Data callable class: canonical records -> DeRTa examples; one tokenizer per actor."""
+
+    def __init__(self, tokenizer_path: str, data: dict, mode: str):
+        from derta.modeling import load_tokenizer
+
+        self.data = DataConfig.model_validate(data)
+        self.mode = mode
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.renderer = PromptRenderer(self.tokenizer, self.data.use_chat_template, self.data.plain_template,
+                                       self.data.system_prompt)
+        self.refusal_id = refusal_token_id(self.tokenizer, self.data.refusal_string)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {column: [] for column in EXAMPLE_COLUMNS + ("reason",)}
+        for i in range(len(batch["uid"])):
+            record = {column: _scalar(batch[column][i]) for column in RECORD_COLUMNS}
+            for row in self._rows(record):
+                for column in out:
+                    out[column].append(row.get(column))
+        return {k: (np.array(v, dtype=object) if k in ("input_ids", "labels", "rto_mask") else v)
+                for k, v in out.items()}
+
+    def _rows(self, record: dict) -> list[dict]:
+        base = {"uid": record["uid"], "source": record["source"], "line": record["line"],
+                "category": record["category"], "input_ids": [], "labels": [], "rto_mask": [], "length": 0,
+                "num_loss_tokens": 0, "prefix_len": 0}
+        if record["error"]:
+            return [dict(base, kind="bad", reason=record["error"])]
+        try:
+            examples = examples_for_record(
+                record, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
+                refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
+                max_length=self.data.max_length, seed=self.data.seed)
+        except Exception as err:  # noqa: BLE001 - a row the tokenizer/template rejects is quarantined
+            return [dict(base, kind="bad", reason=f"cannot tokenize: {type(err).__name__}: {err}")]
+        rows = []
+        for ex in examples:
+            row = dict(base, kind=ex.kind, input_ids=ex.input_ids, labels=ex.labels, rto_mask=ex.rto_mask,
+                       length=len(ex.input_ids), num_loss_tokens=ex.num_loss_tokens, prefix_len=ex.prefix_len,
+                       reason=None)
+            if ex.num_loss_tokens == 0:
+                row.update(kind="no_loss", reason=f"{ex.kind} example has no loss tokens after truncation to "
+                                                  f"max_length={self.data.max_length} (prompt is "
+                                                  f"{ex.prompt_len} tokens)")
+            rows.append(row)
+        return rows
+
+
+def _scalar(value):
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, str)) else value
+
+
+def tokenize(records, tokenizer_path: str, data: DataConfig, mode: str):
+    return records.map_batches(
+        Tokenize, fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "data": data.model_dump(), "mode": mode},
+        batch_size=data.tokenize_batch_size, concurrency=data.tokenize_concurrency, num_cpus=1)
+
+
+# ------------------------------------------------------------------------------------------- mixing
+def mix_rates(counts: dict[str, int], data: DataConfig) -> dict[str, float]:
+    """Sampling rate per kind so each kind lands near its configured target (null = keep all)."""
+    rates = {}
+    for kind in KINDS:
+        target = getattr(data.mix, kind)
+        available = counts.get(kind, 0)
+        rates[kind] = 1.0 if target is None or available == 0 else min(1.0, target / available)
+    return rates
+
+
+def keep_by_mix(batch: dict, rates: dict[str, float], seed: int) -> np.ndarray:
+    return np.array([unit_hash(seed, f"{uid}|{kind}", "mix") < rates.get(kind, 1.0)
+                     for uid, kind in zip(batch["uid"], batch["kind"])], dtype=bool)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def prepare_examples(config: DertaConfig, tokenizer_path: str, workdir: Path, inputs: list[str] | None = None):
+    """Run the pipeline up to tokenized examples, materialised once in the object store.
+
+    Returns (examples dataset with every row, including bad ones, counts per kind).
+    """
+    data = config.data
+    if inputs:
+        sources = [SourceConfig(path=p) for p in inputs]
+    elif data.sources:
+        sources = data.sources
+    else:
+        sources = synthetic_sources(data, workdir / "synthetic")
+    examples = tokenize(read_records(data, sources), tokenizer_path, data, data.mode).materialize()
+    counts = {row["kind"]: row["count()"] for row in examples.groupby("kind").count().take_all()}
+    return examples, counts
+
+
+def select_training_rows(examples, counts: dict[str, int], data: DataConfig):
+    rates = mix_rates(counts, data)
+    allowed = set(MODE_KINDS[data.mode])
+    return examples.filter(lambda row: row["kind"] in allowed).map_batches(
+        lambda b: {k: (np.asarray(v)[keep_by_mix(b, rates, data.seed)]) for k, v in b.items()},
+        batch_format="numpy")
+
+
+def check_quality(counts: dict[str, int], num_bad_rows: int, num_source_rows: int, data: DataConfig,
+                  quarantine_path: Path | None) -> None:
+    fraction = num_bad_rows / max(num_source_rows, 1)
+    if fraction > data.max_bad_fraction:
+        where = f"; see {quarantine_path}" if quarantine_path else ""
+        raise DataQualityError(
+            f"{num_bad_rows} of {num_source_rows} source rows are malformed ({fraction:.1%}), over "
+            f"data.max_bad_fraction={data.max_bad_fraction:.1%}{where}. Fix the rows or raise the limit.")
+    if not any(counts.get(kind, 0) for kind in KINDS):
+        raise DataQualityError("no usable training rows: every row was malformed or filtered out")
+
+
+def length_percentiles(lengths: np.ndarray) -> dict[str, float]:
+    if len(lengths) == 0:
+        return {}
+    return {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max()),
+                                                                                 "mean": float(lengths.mean())}
+
+
+def padding_waste(lengths: np.ndarray, batch_size: int, group_buffer_batches: int | None, seed: int = 0) -> float:
+    """Fraction of padded tokens when batching `lengths` (length-grouped when group_buffer_batches is set)."""
+    from derta.batching import plan_batches
+
+    if len(lengths) == 0:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    padded = real = 0
+    for batch in plan_batches(lengths[order].tolist(), batch_size, group_buffer_batches, seed):
+        longest = max(lengths[order][batch])
+        padded += longest * len(batch)
+        real += int(lengths[order][batch].sum())
+    return 1 - real / padded
+
+
+def write_quarantine(examples, path: Path) -> tuple[int, int]:
+    """Write every bad / no-loss row as {source, line, kind, reason}; return (malformed rows, source rows)."""
+    bad = examples.filter(lambda row: row["kind"] in BAD_KINDS).take_all()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in bad:
+            f.write(json.dumps({"source": row["source"], "line": int(row["line"]), "kind": row["kind"],
+                                "reason": row["reason"]}) + "\n")
+    malformed = sum(1 for row in bad if row["kind"] == "bad")
+    source_rows = len(examples.unique("uid"))
+    return malformed, source_rows
+
+
+def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, inputs: list[str] | None = None) -> dict:
+    """`derta data prepare`: Parquet examples + stats.json + quarantine.jsonl under `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    data = config.data
+    examples, counts = prepare_examples(config, tokenizer_path, output / "_work", inputs)
+    quarantine = output / "quarantine.jsonl"
+    malformed, source_rows = write_quarantine(examples, quarantine)
+    no_loss = counts.get("no_loss", 0)
+    check_quality(counts, malformed, source_rows, data, quarantine)
+    train = select_training_rows(examples, counts, data).materialize()
+    parquet_dir = output / "examples"
+    if parquet_dir.exists():
+        import shutil
+
+        shutil.rmtree(parquet_dir)
+    train.drop_columns(["reason"]).write_parquet(str(parquet_dir))
+    lengths = {}
+    kept = {}
+    for row in train.select_columns(["kind", "length"]).iter_rows():
+        lengths.setdefault(row["kind"], []).append(row["length"])
+    all_lengths = np.array([n for values in lengths.values() for n in values])
+    kept = {kind: len(values) for kind, values in lengths.items()}
+    stats = {
+        "mode": data.mode,
+        "source_rows": source_rows,
+        "examples_by_kind": kept,
+        "available_by_kind": {k: v for k, v in counts.items() if k in KINDS},
+        "quarantined": {"malformed": malformed, "no_loss_tokens": no_loss, "path": str(quarantine)},
+        "length": length_percentiles(all_lengths),
+        "length_by_kind": {k: length_percentiles(np.array(v)) for k, v in lengths.items()},
+        "padding_waste": {
+            "length_grouped": padding_waste(all_lengths, config.train.batch_size, config.train.group_buffer_batches),
+            "random_batches": padding_waste(all_lengths, config.train.batch_size, None),
+            "batch_size": config.train.batch_size,
+        },
+        "examples_dir": str(parquet_dir),
+        "tokenizer": tokenizer_path,
+    }
+    (output / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats

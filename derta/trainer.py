@@ -1,0 +1,92 @@
+"""Driver side of training: validate everything up front, build the Ray Data pipeline, run `TorchTrainer`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from derta.config import ConfigError, DertaConfig
+from derta.train_loop import STATE_FILE, plan_steps, train_loop_per_worker
+
+
+def preflight(cfg: DertaConfig) -> str:
+    """Fail before any worker starts: model path, refusal token, GPUs, batch fit. Returns the model path."""
+    import ray
+
+    from derta.modeling import load_tokenizer, resolve_model_path
+    from derta.transforms import refusal_token_id
+
+    model_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its tokenizer ({err})") from None
+    refusal_token_id(tokenizer, cfg.data.refusal_string)
+    train = cfg.train
+    if train.use_gpu:
+        available = ray.cluster_resources().get("GPU", 0)
+        needed = train.num_workers * (train.resources_per_worker or {}).get("GPU", 1)
+        # an autoscaling cluster (RAY_ADDRESS set) may add GPU nodes on demand; a local instance cannot
+        if available < needed and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(f"train.use_gpu=true needs {needed:g} GPUs but the Ray cluster has {available:g}; "
+                              "set train.use_gpu=false or add GPU nodes")
+    if train.strategy == "fsdp" and not train.use_gpu:
+        raise ConfigError("train.strategy=fsdp needs GPUs (train.use_gpu=true); use ddp on CPU")
+    if cfg.data.max_length < 16:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for prompt + response")
+    return model_path
+
+
+def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from derta.data import check_quality, prepare_examples, select_training_rows, write_quarantine
+    from derta.runtime import init_ray
+
+    output = Path(output or cfg.train.output_dir).resolve()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
+    init_ray()
+    model_path = preflight(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+
+    examples, counts = prepare_examples(cfg, cfg.model.tokenizer or model_path, output / "data")
+    bad, num_source_rows = write_quarantine(examples, output / "quarantine.jsonl")
+    check_quality(counts, bad, num_source_rows, cfg.data, output / "quarantine.jsonl")
+    train_ds = select_training_rows(examples, counts, cfg.data).random_shuffle(seed=cfg.train.seed).materialize()
+    num_rows = train_ds.count()
+    train = cfg.train
+    try:
+        batches_per_epoch, total_steps = plan_steps(num_rows, train.num_workers, train.batch_size, train.grad_accum,
+                                                    train.epochs, train.max_steps)
+    except ValueError as err:
+        raise ConfigError(f"{err}; lower train.batch_size or train.num_workers") from None
+    print(f"[derta] {num_rows} training rows {counts}; {total_steps} steps on {train.num_workers} workers",
+          flush=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "model_path": model_path,
+                           "output_dir": str(output), "batches_per_epoch": batches_per_epoch,
+                           "total_steps": total_steps},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=train.resources_per_worker,
+                                     placement_strategy=train.placement_strategy),
+        run_config=RunConfig(
+            name=train.run_name, storage_path=str(output / "checkpoints"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    final = output / "final"
+    with result.checkpoint.as_directory() as directory:
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(directory, final, ignore=shutil.ignore_patterns(STATE_FILE))
+    (output / "run.json").write_text(json.dumps({"final": str(final), "total_steps": total_steps,
+                                                 "rows": num_rows, "examples_by_kind": counts}, indent=2))
+    return final

@@ -1,0 +1,75 @@
+"""The DeRTa loss on a hand-built batch equals an independent, loop-based computation."""
+import math
+
+import torch
+
+from derta.losses import derta_loss
+from derta.probe import probe_logits, refusal_log_probs, response_positions
+from derta.transforms import IGNORE_INDEX
+
+X = IGNORE_INDEX
+
+
+def _batch():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5)
+    # row 0: helpful-style MLE on the last 3 positions; row 1: RTO on positions 2..4 (target = token 4)
+    labels = torch.tensor([[X, X, X, 1, 2, 3], [X, X, 4, 4, 4, X]])
+    rto = torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    return logits, labels, rto
+
+
+def _manual(logits, labels, rto):
+    mle_terms, rto_terms = [], []
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] == X:
+                continue
+            logp = logits[b, t - 1].log_softmax(-1)[labels[b, t]].item()
+            (rto_terms if rto[b, t] else mle_terms).append(-logp)
+    return mle_terms, rto_terms
+
+
+def test_terms_match_manual_computation():
+    logits, labels, rto = _batch()
+    terms = derta_loss(logits, labels, rto)
+    mle_terms, rto_terms = _manual(logits, labels, rto)
+    assert terms.n_mle == 3 and terms.n_rto == 3
+    assert math.isclose(terms.mle.item(), sum(mle_terms) / 3, rel_tol=1e-5)
+    assert math.isclose(terms.rto.item(), sum(rto_terms) / 3, rel_tol=1e-5)
+    # unit weights: one token-mean CE over every supervised position (the reference semantics)
+    assert math.isclose(terms.total.item(), (sum(mle_terms) + sum(rto_terms)) / 6, rel_tol=1e-5)
+
+
+def test_weights_scale_each_term():
+    logits, labels, rto = _batch()
+    mle_terms, rto_terms = _manual(logits, labels, rto)
+    terms = derta_loss(logits, labels, rto, mle_weight=0.5, rto_weight=2.0)
+    assert math.isclose(terms.total.item(), (0.5 * sum(mle_terms) + 2 * sum(rto_terms)) / 6, rel_tol=1e-5)
+
+
+def test_one_backward_reaches_both_terms():
+    logits, labels, rto = _batch()
+    logits.requires_grad_(True)
+    derta_loss(logits, labels, rto).total.backward()
+    assert logits.grad[0, 2:5].abs().sum() > 0 and logits.grad[1, 1:4].abs().sum() > 0
+    assert logits.grad[0, :2].abs().sum() == 0 and logits.grad[1, 4:].abs().sum() == 0
+
+
+def test_rto_term_is_the_probe_refusal_probability():
+    """The RTO loss at a position is -log P(refusal) as the probe computes it: shared math, same positions."""
+    logits, labels, rto = _batch()
+    terms = derta_loss(logits, labels, rto)
+    prompt_len, response_len = 2, 3  # row 1: response tokens at 2..4, predicted from logits 1..3
+    rows = logits[1][response_positions(prompt_len, response_len)][:response_len]
+    assert math.isclose(-refusal_log_probs(rows, [4]).mean().item(), terms.rto.item(), rel_tol=1e-5)
+
+
+def test_probe_logits_summary():
+    logits = torch.zeros(5, 4)
+    logits[2:4, 0] = 10.0  # refusal token 0 likely at response positions 1 and 2 (logit rows 2, 3)
+    result = probe_logits(logits, prompt_len=2, response_len=3, refusal_ids=[0], threshold=0.5)
+    assert len(result.refusal_prob) == 4
+    assert result.first_crossing == 1
+    assert result.top_token_ids[1] == 0
+    assert math.isclose(result.mean_prob, sum(result.refusal_prob) / 4)

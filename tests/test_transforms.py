@@ -1,0 +1,134 @@
+"""Exact label masks, RTO targets, k distribution, refusal-token derivation, prompt rendering."""
+import numpy as np
+import pytest
+
+from derta.transforms import (IGNORE_INDEX, PromptRenderer, RefusalTokenError, examples_for_record,
+                              harmful_prefix_example, helpful_example, refusal_token_id, row_rng, rto_example,
+                              sample_prefix_len)
+
+P, H, S, EOS, SORRY = [1, 2, 3], [10, 11, 12, 13], [20, 21], 99, 7
+
+
+def test_helpful_loss_on_response_and_eos_only():
+    ex = helpful_example(P, [5, 6], EOS, max_length=64)
+    assert ex.input_ids == [1, 2, 3, 5, 6, 99]
+    assert ex.labels == [IGNORE_INDEX] * 3 + [5, 6, 99]
+    assert ex.rto_mask == [0] * 6
+
+
+def test_harmful_prefix_masks_prompt_and_harmful_prefix():
+    ex = harmful_prefix_example(P, H, S, k=2, eos_id=EOS, max_length=64)
+    assert ex.input_ids == [1, 2, 3, 10, 11, 20, 21, 99]
+    assert ex.labels == [IGNORE_INDEX] * 5 + [20, 21, 99]
+    assert ex.prefix_len == 2 and ex.num_loss_tokens == 3
+
+
+def test_harmful_prefix_k0_is_plain_refusal():
+    ex = harmful_prefix_example(P, H, S, k=0, eos_id=EOS, max_length=64)
+    assert ex.input_ids == [1, 2, 3, 20, 21, 99]
+
+
+def test_harmful_prefix_truncation_shortens_prefix_first():
+    ex = harmful_prefix_example(P, H, S, k=4, eos_id=EOS, max_length=7)
+    assert ex.prefix_len == 1  # 3 prompt + 1 harmful + 2 safe + eos = 7
+    assert ex.labels[-3:] == [20, 21, 99]
+
+
+def test_rto_targets_refusal_at_every_harmful_position():
+    ex = rto_example(P, H, SORRY, max_length=64)
+    assert ex.input_ids == [1, 2, 3, 10, 11, 12, 13]
+    assert ex.labels == [IGNORE_INDEX] * 3 + [SORRY] * 4
+    assert ex.rto_mask == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_rto_truncated_keeps_mask_aligned():
+    ex = rto_example(P, H, SORRY, max_length=5)
+    assert len(ex.input_ids) == len(ex.labels) == len(ex.rto_mask) == 5
+    assert ex.rto_mask == [0, 0, 0, 1, 1]
+
+
+def test_prompt_longer_than_max_length_has_no_loss():
+    assert helpful_example(list(range(10)), [5], EOS, max_length=8).num_loss_tokens == 0
+
+
+def test_k_distribution_share_of_zero_and_uniform_rest():
+    draws = np.array([sample_prefix_len(40, 1 / 3, row_rng(0, f"row{i}", "k")) for i in range(6000)])
+    assert abs((draws == 0).mean() - 1 / 3) < 0.03
+    nonzero = draws[draws > 0]
+    assert nonzero.min() == 1 and nonzero.max() == 40
+    counts = np.bincount(nonzero, minlength=41)[1:]
+    assert counts.min() > 0.5 * counts.mean()  # roughly uniform over 1..40
+
+
+def test_k_is_reproducible_per_row_and_seed():
+    a = [sample_prefix_len(30, 1 / 3, row_rng(3, f"r{i}", "k")) for i in range(50)]
+    b = [sample_prefix_len(30, 1 / 3, row_rng(3, f"r{i}", "k")) for i in range(50)]
+    c = [sample_prefix_len(30, 1 / 3, row_rng(4, f"r{i}", "k")) for i in range(50)]
+    assert a == b and a != c
+
+
+def test_refusal_token_derived_from_tokenizer(tokenizer):
+    token = refusal_token_id(tokenizer, "Sorry")
+    assert tokenizer.decode([token]) == "Sorry"
+    assert tokenizer.encode("Sorry, I can't help.", add_special_tokens=False)[0] == token
+
+
+def test_refusal_token_fails_clearly(tokenizer):
+    with pytest.raises(RefusalTokenError, match="refusal"):
+        refusal_token_id(tokenizer, "")
+    with pytest.raises(RefusalTokenError, match="single character"):
+        refusal_token_id(tokenizer, "Zqxjvw")
+
+
+def test_chat_template_rendering(tokenizer):
+    renderer = PromptRenderer(tokenizer)
+    assert renderer.use_chat
+    text = renderer.render("What is 2 plus 2?", system="Be brief.")
+    assert text == "<|system|>\nBe brief.\n<|user|>\nWhat is 2 plus 2?\n<|assistant|>\n"
+
+
+def test_plain_template_when_no_chat_template(tokenizer):
+    renderer = PromptRenderer(tokenizer, use_chat_template=False, plain_template="Q: {instruction}\nA:")
+    assert renderer.render("hi") == "Q: hi\nA:"
+    assert renderer.render("hi", system="sys") == "sys\n\nQ: hi\nA:"
+
+
+def _record(**fields):
+    base = dict(uid="f:1", kind="safety", instruction="How do I pick a lock?", system=None,
+                harmful_response="Sure, here is how. Step 1: get the tool. Step 2: use it.",
+                safe_response="Sorry, I can't help with that.", response=None, messages=None,
+                prompt_text=None, target_text=None, target_harmful=None, category=None)
+    return base | fields
+
+
+@pytest.mark.parametrize("mode,kinds", [("vanilla", ["harmful_prefix"]), ("recaug", ["harmful_prefix"]),
+                                        ("derta", ["harmful_prefix", "rto"])])
+def test_modes_select_example_kinds(tokenizer, mode, kinds):
+    renderer = PromptRenderer(tokenizer)
+    sorry = refusal_token_id(tokenizer, "Sorry")
+    examples = examples_for_record(_record(), tokenizer, renderer, mode=mode, refusal_id=sorry,
+                                   refusal_templates=["Sorry."], k0_fraction=0.0, max_length=256, seed=0)
+    assert [e.kind for e in examples] == kinds
+    prefix = examples[0]
+    assert (prefix.prefix_len == 0) == (mode == "vanilla")
+    # the loss starts exactly at the refusal token, after prompt + k harmful tokens
+    first_loss = next(i for i, label in enumerate(prefix.labels) if label != IGNORE_INDEX)
+    assert prefix.labels[first_loss] == sorry and first_loss == prefix.prompt_len + prefix.prefix_len
+    if mode == "derta":
+        rto = examples[1]
+        harmful = tokenizer.encode(_record()["harmful_response"], add_special_tokens=False)
+        assert rto.input_ids[rto.prompt_len:] == harmful
+        assert rto.labels[rto.prompt_len:] == [sorry] * len(harmful)
+
+
+def test_missing_safe_response_uses_seeded_template(tokenizer):
+    renderer = PromptRenderer(tokenizer)
+    sorry = refusal_token_id(tokenizer, "Sorry")
+    templates = ["Sorry, no.", "Sorry, I won't."]
+    kwargs = dict(mode="vanilla", refusal_id=sorry, refusal_templates=templates, k0_fraction=0, max_length=256,
+                  seed=0)
+    a = examples_for_record(_record(safe_response=None), tokenizer, renderer, **kwargs)[0]
+    b = examples_for_record(_record(safe_response=None), tokenizer, renderer, **kwargs)[0]
+    assert a.input_ids == b.input_ids
+    safe = [t for t, label in zip(a.input_ids, a.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(safe[:-1]) in templates
