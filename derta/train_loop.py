@@ -42,7 +42,10 @@ def build_model(model_path: str, cfg: DertaConfig, device: torch.device, resume_
 
     train = cfg.train
     if train.lora is None:
-        model = load_model(resume_dir or model_path, cfg.model, str(device))
+        # full fine-tuning keeps fp32 master weights (bf16 AdamW updates of ~lr*1e-1 would round away);
+        # bf16 comes from autocast on GPU
+        fp32 = cfg.model.model_copy(update={"dtype": "float32"})
+        model = load_model(resume_dir or model_path, fp32, str(device))
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
 
