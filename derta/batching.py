@@ -11,16 +11,18 @@ from derta.transforms import IGNORE_INDEX
 
 
 def plan_batches(lengths: list[int], batch_size: int, group_buffer_batches: int | None,
-                 seed: int = 0) -> list[list[int]]:
-    """Index lists, one per batch, over `lengths` in order. Only full batches (drop_last)."""
+                 seed: int = 0, drop_last: bool = True) -> list[list[int]]:
+    """Index lists, one per batch, over `lengths` in order (full batches only unless drop_last=False)."""
     window = batch_size * group_buffer_batches if group_buffer_batches else batch_size
     rng = np.random.default_rng(seed)
     batches = []
-    for start in range(0, len(lengths) - batch_size + 1, window):
+    last_start = len(lengths) - batch_size + 1 if drop_last else len(lengths)
+    for start in range(0, max(last_start, 0), window):
         idx = np.arange(start, min(start + window, len(lengths)))
         if group_buffer_batches:
             idx = idx[np.argsort([lengths[i] for i in idx], kind="stable")]
-        chunk = [idx[i:i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
+        stop = len(idx) - batch_size + 1 if drop_last else len(idx)
+        chunk = [idx[i:i + batch_size].tolist() for i in range(0, max(stop, 0), batch_size)]
         rng.shuffle(chunk)
         batches.extend(chunk)
     return batches

@@ -11,6 +11,7 @@ quarantine file with source, line and reason, and counted in the stats.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -25,6 +26,19 @@ from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_rec
 EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
                    "num_loss_tokens", "prefix_len")
 BAD_KINDS = ("bad", "no_loss")
+
+
+def _types():
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    record = {"line": pa.int64(), "target_harmful": pa.bool_()}
+    example = {"line": pa.int64(), "input_ids": ints, "labels": ints, "rto_mask": pa.list_(pa.int8()),
+               "length": pa.int32(), "num_loss_tokens": pa.int32(), "prefix_len": pa.int32()}
+    return record, example
+
+
+RECORD_TYPES, EXAMPLE_TYPES = _types()
 
 
 class DataQualityError(RuntimeError):
@@ -115,9 +129,10 @@ def normalize_batch(batch: dict, sources: list[dict], max_chars: int) -> dict:
     out = {column: [] for column in RECORD_COLUMNS}
     for i in range(len(batch["source"])):
         source = sources[int(batch["source_index"][i])]
-        if batch["error"][i] is not None:
+        error = _present(batch["error"][i])
+        if error is not None:
             record = dict.fromkeys(RECORD_COLUMNS)
-            record["error"] = batch["error"][i]
+            record["error"] = error
         else:
             record = normalize_record(json.loads(batch["raw"][i]), kind=source["kind"], columns=source["columns"],
                                       instruction_regex=source["instruction_regex"],
@@ -128,7 +143,14 @@ def normalize_batch(batch: dict, sources: list[dict], max_chars: int) -> dict:
             record["kind"] = "bad"
         for column in RECORD_COLUMNS:
             out[column].append(record[column])
-    return out
+    return _arrow(out, RECORD_TYPES)
+
+
+def _arrow(columns: dict, types: dict):
+    """Typed Arrow batch: an all-null column must stay a string column, not become float NaN."""
+    import pyarrow as pa
+
+    return pa.table({name: pa.array(values, type=types.get(name, pa.string())) for name, values in columns.items()})
 
 
 def read_records(data: DataConfig, sources: list[SourceConfig]):
@@ -164,12 +186,11 @@ class Tokenize:
     def __call__(self, batch: dict) -> dict:
         out = {column: [] for column in EXAMPLE_COLUMNS + ("reason",)}
         for i in range(len(batch["uid"])):
-            record = {column: _scalar(batch[column][i]) for column in RECORD_COLUMNS}
+            record = {column: _present(_scalar(batch[column][i])) for column in RECORD_COLUMNS}
             for row in self._rows(record):
                 for column in out:
                     out[column].append(row.get(column))
-        return {k: (np.array(v, dtype=object) if k in ("input_ids", "labels", "rto_mask") else v)
-                for k, v in out.items()}
+        return _arrow(out, EXAMPLE_TYPES)
 
     def _rows(self, record: dict) -> list[dict]:
         base = {"uid": record["uid"], "source": record["source"], "line": record["line"],
@@ -201,9 +222,27 @@ def _scalar(value):
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, str)) else value
 
 
+def _present(value):
+    """None for missing values, which Ray may hand over as None or (all-null column) float NaN."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenize(tokenizer_path: str, data_json: str, mode: str) -> Tokenize:
+    return Tokenize(tokenizer_path, json.loads(data_json), mode)
+
+
+def tokenize_batch(batch: dict, tokenizer_path: str, data_json: str, mode: str):
+    # tasks reuse worker processes, so the tokenizer loads once per process, without an actor pool's startup
+    return _cached_tokenize(tokenizer_path, data_json, mode)(batch)
+
+
 def tokenize(records, tokenizer_path: str, data: DataConfig, mode: str):
     return records.map_batches(
-        Tokenize, fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "data": data.model_dump(), "mode": mode},
+        tokenize_batch, fn_kwargs={"tokenizer_path": tokenizer_path, "data_json": data.model_dump_json(),
+                                   "mode": mode},
         batch_size=data.tokenize_batch_size, concurrency=data.tokenize_concurrency, num_cpus=1)
 
 
@@ -237,8 +276,17 @@ def prepare_examples(config: DertaConfig, tokenizer_path: str, workdir: Path, in
     else:
         sources = synthetic_sources(data, workdir / "synthetic")
     examples = tokenize(read_records(data, sources), tokenizer_path, data, data.mode).materialize()
-    counts = {row["kind"]: row["count()"] for row in examples.groupby("kind").count().take_all()}
+    counts = count_kinds(examples)
     return examples, counts
+
+
+def count_kinds(examples) -> dict[str, int]:
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for batch in examples.select_columns(["kind"]).iter_batches(batch_size=None, batch_format="numpy"):
+        counts.update(batch["kind"].tolist())
+    return dict(counts)
 
 
 def select_training_rows(examples, counts: dict[str, int], data: DataConfig):
@@ -276,7 +324,7 @@ def padding_waste(lengths: np.ndarray, batch_size: int, group_buffer_batches: in
         return 0.0
     order = np.random.default_rng(seed).permutation(len(lengths))
     padded = real = 0
-    for batch in plan_batches(lengths[order].tolist(), batch_size, group_buffer_batches, seed):
+    for batch in plan_batches(lengths[order].tolist(), batch_size, group_buffer_batches, seed, drop_last=False):
         longest = max(lengths[order][batch])
         padded += longest * len(batch)
         real += int(lengths[order][batch].sum())

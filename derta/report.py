@@ -1,0 +1,178 @@
+"""Markdown report, plain-text table and PNG plots from an evaluation summary.
+
+    summary = {model: {suite: {metric: value, "asr_by_prefix": {k: asr}}}}   (run_eval's summary.json)
+    curves  = {model: [mean P(refusal) at response position 0..N]}          (run_eval's curves.json)
+
+The overview puts safety (ASR, refusal), helpfulness (accuracy) and over-refusal of every model on one row; the
+per-suite tables show every metric with the models side by side. Plots: ASR vs prefill length per model
+(`asr_by_prefix.png`) and P(refusal) vs response position per model (`refusal_curve.png`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CURVE_POSITIONS = (0, 5, 10, 20, 40)
+# metric key -> column label in the overview; asr_by_prefix expands to one column per k
+HEADLINE = {"asr": "ASR", "refusal_rate_unsafe": "refusal (unsafe)", "accuracy": "accuracy",
+            "over_refusal_rate": "over-refusal", "refusal_rate_safe": "over-refusal"}
+ASR_PLOT, CURVE_PLOT = "asr_by_prefix.png", "refusal_curve.png"
+
+
+def short(suite: str) -> str:
+    return suite.removeprefix("synthetic_")
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def flatten(metrics: dict) -> dict[str, float | None]:
+    """{metric: value} with asr_by_prefix expanded to `ASR k=<k>` entries; counts (`n`) dropped."""
+    flat = {}
+    for key, value in metrics.items():
+        if key == "asr_by_prefix":
+            flat.update({f"ASR k={k}": v for k, v in value.items()})
+        elif key != "n":
+            flat[key] = value
+    return flat
+
+
+def headline(metrics: dict) -> dict[str, float | None]:
+    """The overview columns of one suite: ASR per prefill length, else ASR + refusal, accuracy, over-refusal."""
+    if "asr_by_prefix" in metrics:
+        return {f"ASR k={k}": v for k, v in metrics["asr_by_prefix"].items()}
+    columns = {label: metrics[key] for key, label in HEADLINE.items() if key in metrics}
+    if "asr" in metrics and "refusal_rate" in metrics:
+        columns["refusal"] = metrics["refusal_rate"]
+    return columns
+
+
+def suites_of(summary: dict) -> list[str]:
+    seen: list[str] = []
+    for per_suite in summary.values():
+        seen += [s for s in per_suite if s not in seen]
+    return seen
+
+
+def overview_columns(summary: dict) -> list[tuple[str, str]]:
+    """(suite, column label) in suite order, over all models."""
+    columns: list[tuple[str, str]] = []
+    for suite in suites_of(summary):
+        for per_suite in summary.values():
+            columns += [(suite, label) for label in headline(per_suite.get(suite, {})) if (suite, label) not in columns]
+    return columns
+
+
+def overview_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    columns = overview_columns(summary)
+    header = ["model"] + [f"{short(suite)} {label}" for suite, label in columns]
+    rows = [[model] + [percent(headline(per_suite.get(suite, {})).get(label)) for suite, label in columns]
+            for model, per_suite in summary.items()]
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+                     for r in [header] + rows)
+
+
+def compact_table(summary: dict) -> str:
+    """The overview as fixed-width text (for the terminal)."""
+    return text_table(*overview_rows(summary))
+
+
+def suite_table(summary: dict, suite: str) -> str:
+    """Rows = metrics of `suite`, columns = models."""
+    models = [m for m in summary if suite in summary[m]]
+    flat = {m: flatten(summary[m][suite]) for m in models}
+    metrics = list(dict.fromkeys(key for m in models for key in flat[m]))
+    rows = [[metric] + [percent(flat[m].get(metric)) for m in models] for metric in metrics]
+    rows.append(["n"] + [str(summary[m][suite].get("n", "-")) for m in models])
+    return markdown_table(["metric"] + models, rows)
+
+
+def curve_table(curves: dict) -> str:
+    positions = [p for p in CURVE_POSITIONS if any(p < len(c) for c in curves.values())]
+    rows = [[model] + [f"{curve[p]:.3f}" if p < len(curve) else "-" for p in positions]
+            for model, curve in curves.items() if curve]
+    return markdown_table(["model"] + [f"pos {p}" for p in positions], rows)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_asr_by_prefix(summary: dict, path: Path) -> bool:
+    """ASR (%) vs number of prefilled harmful tokens, one line per model (and prefilling suite)."""
+    lines = [(f"{model}" if len(suites_of(summary)) < 2 else f"{model} / {short(suite)}", metrics["asr_by_prefix"])
+             for model, per_suite in summary.items() for suite, metrics in per_suite.items()
+             if metrics.get("asr_by_prefix")]
+    if not lines:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_k in lines:
+        ks = sorted(by_k, key=int)
+        ax.plot([int(k) for k in ks], [100 * (by_k[k] or 0) for k in ks], marker="o", label=label)
+    ax.set(xlabel="prefilled harmful tokens k", ylabel="attack success rate (%)", ylim=(-2, 102),
+           title="Prefilling attack: ASR vs prefill length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_refusal_curves(curves: dict, path: Path) -> bool:
+    """Mean P(refusal) vs position along harmful responses, one line per model."""
+    if not any(curves.values()):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, curve in curves.items():
+        if curve:
+            ax.plot(range(len(curve)), curve, label=model)
+    ax.set(xlabel="position in the harmful response (tokens)", ylabel="mean P(refusal token)", ylim=(-0.02, 1.02),
+           title="Refusal position: P(switch to a refusal)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- report
+def write_report(summary: dict, curves: dict, output: Path, title: str = "derta evaluation",
+                 notes: list[str] | None = None) -> Path:
+    """Write output/report.md plus the PNG plots; returns the report path."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", *(notes or []),
+             "## Overview: safety, helpfulness and over-refusal",
+             "ASR = attack success rate (lower is safer); accuracy = exact answer (higher is better); "
+             "over-refusal = refusals of benign prompts (lower is better).",
+             markdown_table(*overview_rows(summary))]
+    if plot_asr_by_prefix(summary, output / ASR_PLOT):
+        parts += ["## ASR vs prefill length", f"![ASR vs prefill length]({ASR_PLOT})"]
+    if plot_refusal_curves(curves, output / CURVE_PLOT):
+        parts += ["## Refusal position", "Mean P(refusal token) after prompt + the first i tokens of held-out "
+                  "harmful responses.", f"![P(refusal) vs position]({CURVE_PLOT})", curve_table(curves)]
+    for suite in suites_of(summary):
+        parts += [f"## {suite}", suite_table(summary, suite)]
+    path = output / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path

@@ -1,0 +1,126 @@
+"""The Ray Data pipeline end to end: readers on the shared files, quarantine, thresholds, `derta data prepare`."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import shared_file
+from derta.config import SourceConfig
+from derta.data import DataQualityError, prepare_examples, write_prepared
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _cfg(tiny_config, tiny_path, **data):
+    data = tiny_config.data.model_copy(update=data)
+    return tiny_config.model_copy(update={"data": data})
+
+
+def _rows(examples):
+    return examples.take_all()
+
+
+def test_reference_format(tiny_config, tiny_path, tmp_path):
+    path = shared_file("derta-paper", "train", "example_data_to_read.jsonl")
+    examples, counts = prepare_examples(_cfg(tiny_config, tiny_path), tiny_path, tmp_path, [str(path)])
+    assert counts == {"helpful": 3, "rto": 1}  # safe="true" row -> RTO on the harmful text
+    rto = next(r for r in _rows(examples) if r["kind"] == "rto")
+    assert rto["line"] == 4 and sum(rto["rto_mask"]) > 20
+
+
+def test_harmful_pairs_with_refusal_templates(tiny_config, tiny_path, tmp_path):
+    path = shared_file("derta-paper", "train", "malicious_tuning_data_330.jsonl")
+    cfg = _cfg(tiny_config, tiny_path, max_length=2048, mode="derta")
+    examples, counts = prepare_examples(cfg, tiny_path, tmp_path, [str(path)])
+    n_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
+    assert counts["harmful_prefix"] == counts["rto"] == n_lines
+    assert counts.get("bad", 0) == 0
+
+
+def test_jsonl_parquet_and_hf_disk_readers_agree(tiny_config, tiny_path, tmp_path):
+    import datasets
+    import pyarrow as pa
+
+    rows = [{"instruction": f"What is {i} plus 1?", "response": f"{i} plus 1 is {i + 1}."} for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    results = {}
+    for name in ("a.jsonl", "a.parquet", "hf"):
+        examples, counts = prepare_examples(_cfg(tiny_config, tiny_path), tiny_path, tmp_path, [str(tmp_path / name)])
+        results[name] = sorted((r["line"], tuple(r["input_ids"])) for r in _rows(examples))
+        assert counts == {"helpful": 20}
+    assert results["a.jsonl"] == results["a.parquet"] == results["hf"]
+
+
+def test_chat_rows_and_column_mapping(tiny_config, tiny_path, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    mapped = tmp_path / "mapped.jsonl"
+    mapped.write_text(json.dumps({"q": "How do I steal?", "bad": "Sure. Step 1: x."}) + "\n")
+    cfg = _cfg(tiny_config, tiny_path, sources=[
+        SourceConfig(path=str(path)),
+        SourceConfig(path=str(mapped), columns={"instruction": "q", "harmful_response": "bad"})])
+    examples, counts = prepare_examples(cfg, tiny_path, tmp_path)
+    assert counts == {"helpful": 1, "harmful_prefix": 1, "rto": 1}
+
+
+def _malformed_file(tmp_path):
+    lines = [
+        json.dumps({"instruction": "ok", "response": "fine"}),
+        '{"instruction": "broken", ',                                   # bad JSON
+        json.dumps({"instruction": "", "response": "x"}),               # empty field
+        json.dumps({"instruction": ["list"], "response": "x"}),         # wrong type
+        json.dumps({"instruction": "long", "response": "y" * 500}),     # over-long
+        json.dumps({"something": "else"}),                              # unknown shape
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe bad bytes\n")
+    return path
+
+
+def test_quarantine_names_file_line_and_reason(tiny_config, tiny_path, tmp_path):
+    path = _malformed_file(tmp_path)
+    cfg = _cfg(tiny_config, tiny_path, max_chars=200, max_bad_fraction=1.0)
+    stats = write_prepared(cfg, tiny_path, tmp_path / "out", [str(path)])
+    quarantined = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    by_line = {q["line"]: q for q in quarantined}
+    assert set(by_line) == {2, 3, 4, 5, 6, 7}
+    assert all(q["source"] == str(path) for q in quarantined)
+    assert "bad JSON" in by_line[2]["reason"]
+    assert "must not be empty" in by_line[3]["reason"]
+    assert "field 'instruction'" in by_line[4]["reason"]
+    assert "max_chars=200" in by_line[5]["reason"]
+    assert "cannot tell the row kind" in by_line[6]["reason"]
+    assert "not UTF-8" in by_line[7]["reason"]
+    assert stats["quarantined"]["malformed"] == 6 and stats["examples_by_kind"] == {"helpful": 1}
+
+
+def test_bad_fraction_threshold_fails_clearly(tiny_config, tiny_path, tmp_path):
+    cfg = _cfg(tiny_config, tiny_path, max_chars=200, max_bad_fraction=0.5)
+    with pytest.raises(DataQualityError, match=r"6 of 7 source rows are malformed .*max_bad_fraction"):
+        write_prepared(cfg, tiny_path, tmp_path / "out", [str(_malformed_file(tmp_path))])
+    assert (tmp_path / "out" / "quarantine.jsonl").exists()  # written before failing
+
+
+def test_no_loss_rows_are_reported_not_trained(tiny_config, tiny_path, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "word " * 300, "response": "ok"}) + "\n"
+                    + json.dumps({"instruction": "short", "response": "ok"}) + "\n")
+    stats = write_prepared(_cfg(tiny_config, tiny_path, max_bad_fraction=1.0), tiny_path, tmp_path / "o", [str(path)])
+    assert stats["quarantined"]["no_loss_tokens"] == 1 and stats["examples_by_kind"] == {"helpful": 1}
+    reason = json.loads((tmp_path / "o" / "quarantine.jsonl").read_text().splitlines()[0])["reason"]
+    assert "no loss tokens" in reason and "max_length=256" in reason
+
+
+def test_prepare_synthetic_default_and_mix(tiny_config, tiny_path, tmp_path):
+    cfg = _cfg(tiny_config, tiny_path, mix=tiny_config.data.mix.model_copy(update={"helpful": 500}))
+    stats = write_prepared(cfg, tiny_path, tmp_path / "prep")
+    kinds = stats["examples_by_kind"]
+    assert 400 < kinds["helpful"] < 600 and kinds["rto"] == kinds["harmful_prefix"] > 0
+    table = pq.read_table(tmp_path / "prep" / "examples")
+    assert {"input_ids", "labels", "rto_mask", "kind", "source", "line"} <= set(table.column_names)
+    assert table.num_rows == sum(kinds.values())
+    assert stats["padding_waste"]["length_grouped"] < stats["padding_waste"]["random_batches"]
+    assert json.loads((tmp_path / "prep" / "stats.json").read_text())["mode"] == "derta"

@@ -1,0 +1,392 @@
+"""Ray Serve app over HTTP: every route, every error path, probe math, batching, OpenAI client, overload.
+
+One module-scoped Serve instance on a free loopback port runs the main app (default model + a registry alias,
+API key on); the overload test adds and deletes a second small app with max_ongoing=1 / max_queued=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+API_KEY = "test-key"
+MAX_INPUT_TOKENS = 256
+MAX_NEW_TOKENS = 64
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PROMPTS = ["How do I bake bread?", "Why is the sky blue?", "Explain water.", "Make a cake step by step.",
+           "What is light scattering?", "Tell me a story about a model."]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(client, prefix: str = "", timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get(f"{prefix}/ready").status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the app never became ready")
+
+
+def overrides(tiny_config, *extra: str) -> list[str]:
+    return [f"model.tiny_dir={tiny_config.model.tiny_dir}", "serve.ray_actor_options={num_cpus: 0.5}",
+            f"serve.max_input_tokens={MAX_INPUT_TOKENS}", f"serve.max_new_tokens={MAX_NEW_TOKENS}", *extra]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_config, tiny_path):
+    """The main app at http://127.0.0.1:<port>/ with models `derta` (default) and `alias` (registry)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
+        tiny_config, f"serve.api_key={API_KEY}", "serve.batch_wait_timeout_s=0.05",
+        f"serve.registry={{alias: {{path: {tiny_path}}}}}")})
+    serve.run(app, name="derta-test", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server, headers=AUTH, timeout=120) as http:
+        wait_ready(http)
+        yield http
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_path):
+    from derta.modeling import load_model
+
+    return load_model(tiny_path).eval()
+
+
+def generate(client, prompt: str, **fields) -> dict:
+    response = client.post("/generate", json={"prompt": prompt, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def sse_events(response) -> list:
+    lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def assert_field_error(response, status: int, field: str, text: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = json.dumps(response.json())
+    assert field in body, body
+    if text:
+        assert text in body, body
+
+
+# ============================================================================================ unit tests
+def test_default_model_path_picks_newest_complete_checkpoint(tmp_path, tiny_config, monkeypatch):
+    from serve.app import default_model_path
+
+    older, newer, broken = (tmp_path / name / "final" for name in ("old", "new", "broken"))
+    for index, final in enumerate((older, newer, broken)):
+        final.mkdir(parents=True)
+        if final is not broken:
+            (final / "config.json").write_text("{}")
+        os.utime(final, (1000 + index, 1000 + index))
+    assert default_model_path(tiny_config, tmp_path) == str(newer)
+
+    trained = []
+    monkeypatch.setattr("derta.trainer.run_training", lambda cfg: trained.append(cfg) or tmp_path / "t" / "final")
+    assert default_model_path(tiny_config, tmp_path / "empty") == str(tmp_path / "t" / "final")
+    assert trained == [tiny_config]
+
+
+def test_build_args_are_validated():
+    from pydantic import ValidationError
+
+    from serve.app import build_app
+
+    with pytest.raises(ValidationError, match="modle"):
+        build_app({"config": "tiny", "modle": "x"})
+
+
+def test_row_decoder_stop_strings_and_holdback(tokenizer):
+    from serve.app import GenerationJob, RowDecoder
+
+    ids = tokenizer.encode("the cake is ready now", add_special_tokens=False)
+    row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=50, stop=["ready"]), eos_ids={-1})
+    streamed = ""
+    for token in ids:
+        row.push(token)
+        streamed += row.take_delta()
+        if row.finished:
+            break
+    assert row.finish_reason == "stop" and row.text == "the cake is " and streamed == row.text
+    row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=2), eos_ids={-1})
+    row.push(ids[0]), row.push(ids[1])
+    assert row.result()["finish_reason"] == "length" and row.completion_tokens == 2
+
+
+# ============================================================================================ service routes
+@pytest.mark.slow
+def test_health_is_open_and_everything_else_needs_the_key(client):
+    assert client.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}
+    for method, route in [("GET", "/ready"), ("GET", "/info"), ("GET", "/v1/models"), ("POST", "/generate"),
+                          ("POST", "/probe"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]:
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            response = client.request(method, route, headers=headers, json={"prompt": "hi"})
+            assert response.status_code == 401, (route, headers, response.text)
+            assert "API key" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_ready_and_info(client, tiny_path):
+    assert client.get("/ready").json()["models"] == ["alias", "derta"]
+    info = client.get("/info").json()
+    assert info["default_model"] == "derta" and set(info["models"]) == {"derta", "alias"}
+    model = info["models"]["derta"]
+    assert model["path"] == tiny_path and model["adapter"] is None and model["ready"]
+    assert model["refusal_tokens"] == ["Sorry"] and model["device"] == "cpu" and model["dtype"] == "float32"
+    assert model["limits"]["max_input_tokens"] == MAX_INPUT_TOKENS
+    assert model["limits"]["max_new_tokens"] == MAX_NEW_TOKENS
+
+
+# ============================================================================================ /generate
+@pytest.mark.slow
+def test_generate_prompt_and_messages_agree(client):
+    result = generate(client, "How do I bake bread?", max_new_tokens=12)
+    assert result["finish_reason"] in ("stop", "length") and result["prompt_tokens"] > 0
+    assert 1 <= result["completion_tokens"] <= 12 and result["model"] == "derta"
+    as_messages = client.post("/generate", json={"messages": [{"role": "user", "content": "How do I bake bread?"}],
+                                                 "max_new_tokens": 12}).json()
+    assert as_messages["text"] == result["text"]
+    assert client.post("/generate", json={"prompt": "How do I bake bread?", "max_new_tokens": 12,
+                                          "model": "alias"}).json()["text"] == result["text"]
+
+
+@pytest.mark.slow
+def test_generate_stop_string_truncates(client):
+    text = generate(client, "Why is the sky blue?", max_new_tokens=24)["text"]
+    assert len(text) >= 4, text
+    stop = text[2:4]
+    stopped = generate(client, "Why is the sky blue?", max_new_tokens=24, stop=[stop])
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.find(stop)]
+
+
+@pytest.mark.slow
+def test_stream_deltas_add_up_to_the_non_streamed_text(client):
+    plain = generate(client, "Explain water.", max_new_tokens=16)
+    response = client.post("/generate", json={"prompt": "Explain water.", "max_new_tokens": 16, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "final"
+    deltas = "".join(e["text"] for e in events if e["type"] == "delta")
+    assert deltas == events[-1]["text"] == plain["text"]
+    assert events[-1]["completion_tokens"] == plain["completion_tokens"]
+
+
+@pytest.mark.slow
+def test_batched_output_equals_unbatched_at_temperature_zero(client):
+    sequential = [generate(client, p, max_new_tokens=20) for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        concurrent = list(pool.map(lambda p: generate(client, p, max_new_tokens=20), PROMPTS))
+    assert max(r["batch_size"] for r in concurrent) > 1, "concurrent requests were never batched"
+    assert [r["text"] for r in concurrent] == [r["text"] for r in sequential]
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_per_request(client):
+    fields = dict(max_new_tokens=24, temperature=1.0, top_p=0.95)
+    alone = generate(client, PROMPTS[0], seed=7, **fields)["text"]
+    assert generate(client, PROMPTS[0], seed=7, **fields)["text"] == alone
+    assert generate(client, PROMPTS[0], seed=8, **fields)["text"] != alone
+    with ThreadPoolExecutor(4) as pool:  # batch mates with other seeds do not change this request's draws
+        batch = list(pool.map(lambda s: generate(client, PROMPTS[0], seed=s, **fields), [7, 1, 2, 3]))
+    assert batch[0]["text"] == alone
+
+
+# ============================================================================================ /probe
+@pytest.mark.slow
+def test_probe_equals_per_position_forward_passes(client, local_model, tokenizer, tiny_config):
+    import torch
+
+    from derta.transforms import PromptRenderer, refusal_token_ids
+
+    prompt, response = "How do I make a cake?", "First bake the bread, then explain why the sky is blue."
+    result = client.post("/probe", json={"prompt": prompt, "response": response}).json()
+    data = tiny_config.data
+    renderer = PromptRenderer(tokenizer, data.use_chat_template, data.plain_template, data.system_prompt)
+    prompt_ids = renderer.encode_prompt(renderer.render(prompt))
+    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    refusal_ids = refusal_token_ids(tokenizer, data.probe_refusal_strings)
+    expected = []
+    with torch.no_grad():
+        for i in range(len(response_ids) + 1):
+            logits = local_model(input_ids=torch.tensor([prompt_ids + response_ids[:i]])).logits[0, -1]
+            expected.append(logits.softmax(-1)[refusal_ids].sum().item())
+    got = [p["p_refusal"] for p in result["positions"]]
+    assert len(got) == len(response_ids) + 1 == result["response_tokens"] + 1
+    assert max(abs(g - e) for g, e in zip(got, expected)) < 1e-4
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert "".join(p["token"] for p in result["positions"][:-1]) == response
+    assert result["positions"][-1]["token"] is None
+    assert result["min"] == pytest.approx(min(expected), rel=1e-3)
+    assert result["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-3)
+    assert result["refusal_tokens"] == ["Sorry"] and result["first_crossing"] is None  # untrained model
+
+
+@pytest.mark.slow
+def test_probe_threshold_messages_and_verify(client):
+    body = {"messages": [{"role": "user", "content": "Bake a cake"}], "response": "first the water",
+            "threshold": 1e-6, "verify": {"positions": [0, 2], "tokens": 4}}
+    result = client.post("/probe", json=body).json()
+    assert result["first_crossing"] == 0 and result["threshold"] == 1e-6
+    assert [v["i"] for v in result["verify"]] == [0, 2]
+    assert all(isinstance(v["continuation"], str) and isinstance(v["refuses"], bool) for v in result["verify"])
+    n = result["response_tokens"]
+    assert_field_error(client.post("/probe", json={**body, "verify": {"positions": [n + 1]}}), 422,
+                       "positions", f"0..{n}")
+    assert_field_error(client.post("/probe", json={**body, "verify": {"positions": [0], "tokens": 65}}), 422,
+                       "tokens", str(MAX_NEW_TOKENS))
+    assert client.post("/probe", json={"prompt": "x", "response": ""}).json()["positions"][0]["i"] == 0
+
+
+# ============================================================================================ OpenAI API
+@pytest.mark.slow
+def test_openai_client(server, client):
+    import openai
+
+    oai = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    assert {m.id for m in oai.models.list()} == {"derta", "alias"}
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    chat = oai.chat.completions.create(model="derta", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == generate(client, "How do I bake bread?", max_new_tokens=12)["text"]
+    assert chat.usage.completion_tokens == 12 or chat.choices[0].finish_reason == "stop"
+    stream = oai.chat.completions.create(model="derta", messages=messages, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+    completion = oai.completions.create(model="alias", prompt="the sky is", max_tokens=8, temperature=0)
+    streamed = oai.completions.create(model="alias", prompt="the sky is", max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-4", messages=messages, max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.chat.completions.create(model="derta", messages=messages, max_tokens=MAX_NEW_TOKENS + 1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+def test_raw_sse_has_done_marker(client):
+    response = client.post("/v1/chat/completions", json={
+        "model": "derta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True})
+    events = sse_events(response)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+# ============================================================================================ bad input
+BAD_BODIES = [
+    ("/generate", {"prompt": 5}, "prompt"),
+    ("/generate", {"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    ("/generate", {"prompt": "x", "max_new_tokens": MAX_NEW_TOKENS + 1}, "max_new_tokens"),
+    ("/generate", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("/generate", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("/generate", {"prompt": "x", "seed": 10**30}, "seed"),
+    ("/generate", {"prompt": "x", "stop": "abc"}, "stop"),
+    ("/generate", {"prompt": "x", "stream": {"a": 1}}, "stream"),
+    ("/generate", {"prompt": "x", "promptt": "typo"}, "promptt"),
+    ("/generate", {}, "exactly one of 'prompt' or 'messages'"),
+    ("/generate", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one"),
+    ("/generate", {"messages": [{"role": "user", "content": {"a": [1, {"b": None}]}}]}, "content"),
+    ("/generate", {"messages": [{"role": "root", "content": "x"}]}, "role"),
+    ("/generate", {"messages": []}, "messages"),
+    ("/generate", [1, 2, 3], "body"),
+    ("/probe", {"prompt": "x"}, "response"),
+    ("/probe", {"prompt": "x", "response": "y", "threshold": 2}, "threshold"),
+    ("/probe", {"prompt": "x", "response": "y", "verify": {"positions": []}}, "positions"),
+    ("/v1/chat/completions", {"model": "derta", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
+    ("/v1/chat/completions", {"model": "derta", "messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ("/v1/completions", {"model": "derta", "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": "derta", "prompt": "a", "n": 2}, "n"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route,body,field", BAD_BODIES, ids=[f"{r}:{f}" for r, _, f in BAD_BODIES])
+def test_bad_fields_get_422_naming_the_field(client, route, body, field):
+    assert_field_error(client.post(route, json=body), 422, field)
+
+
+@pytest.mark.slow
+def test_limits_unknown_models_and_junk_payloads(client):
+    long_prompt = "bake the bread " * 200
+    assert_field_error(client.post("/generate", json={"prompt": long_prompt}), 413, "detail", str(MAX_INPUT_TOKENS))
+    assert_field_error(client.post("/probe", json={"prompt": "x", "response": long_prompt}), 413, "detail",
+                       f"max_input_tokens={MAX_INPUT_TOKENS}")
+    assert_field_error(client.post("/generate", json={"prompt": "x" * 10_000_000}), 413, "detail")
+    assert client.post("/generate", json={"prompt": "x", "model": "../../etc/passwd"}).status_code == 404
+    assert client.post("/probe", json={"prompt": "x", "response": "y", "model": "nope"}).status_code == 404
+    assert client.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+    json_headers = {**AUTH, "content-type": "application/json"}
+    junk = [b"", b"{not json", b"\xff\xfe\xfa{\"prompt\": \"\xff\"}", b'{"prompt": "x", "temperature": NaN}',
+            b"[" * 100_000 + b"]" * 100_000, b'{"prompt": "\\ud800 lone surrogate"}', b"null", b'"just a string"']
+    for payload in junk:
+        response = client.post("/generate", content=payload, headers=json_headers)
+        assert 400 <= response.status_code < 500, (payload[:40], response.status_code, response.text[:200])
+    text_plain = client.post("/generate", content=b"prompt=hi", headers={**AUTH, "content-type": "text/plain"})
+    assert 400 <= text_plain.status_code < 500
+    weird = generate(client, "\x00\x07\x1b[31m\u202e\ufeff tab\t nl\n \U0001F600", max_new_tokens=4)
+    assert weird["completion_tokens"] >= 1
+    assert client.get("/health").status_code == 200 and generate(client, "still alive?", max_new_tokens=2)
+
+
+# ============================================================================================ overload
+@pytest.mark.slow
+def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_path):
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
+        tiny_config, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
+        "serve.max_new_tokens=256")})
+    serve.run(app, name="overload", route_prefix="/overload", blocking=False)
+    try:
+        with httpx.Client(base_url=f"{server}/overload", timeout=120) as http:
+            wait_ready(http)
+            slow = {"prompt": "How do I bake bread?", "max_new_tokens": 256}
+
+            def timed_post(_):
+                started = time.perf_counter()
+                return http.post("/generate", json=slow), time.perf_counter() - started
+
+            with ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(timed_post, range(12)))
+            statuses = [response.status_code for response, _ in results]
+            assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+            slowest_200 = max(seconds for response, seconds in results if response.status_code == 200)
+            assert all(seconds < slowest_200 for response, seconds in results if response.status_code == 503)
+            assert any("overloaded" in response.text for response, _ in results if response.status_code == 503)
+            assert http.get("/health").status_code == 200
+            assert http.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    finally:
+        serve.delete("overload")
