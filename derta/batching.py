@@ -28,7 +28,7 @@ def plan_batches(lengths: list[int], batch_size: int, group_buffer_batches: int 
     return batches
 
 
-def collate(rows: list[dict], pad_id: int, pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     longest = max(len(r["input_ids"]) for r in rows)
     width = -(-longest // pad_multiple) * pad_multiple
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -37,9 +37,9 @@ def collate(rows: list[dict], pad_id: int, pad_multiple: int = 8) -> dict[str, t
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(row["input_ids"])
-        labels[i, :n] = torch.as_tensor(row["labels"])
-        rto_mask[i, :n] = torch.as_tensor(row["rto_mask"], dtype=torch.bool)
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        rto_mask[i, :n] = torch.tensor(row["rto_mask"], dtype=torch.bool)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "rto_mask": rto_mask, "attention_mask": attention_mask}
 

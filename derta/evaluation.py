@@ -188,26 +188,30 @@ def endpoint_base(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def bearer(env_var: str) -> dict:
+def api_key(env_var: str) -> str | None:
     import os
 
-    key = os.environ.get(env_var)
+    return os.environ.get(env_var) or None
+
+
+def bearer(key: str | None) -> dict:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class EndpointGenerator:
     """Ray Data callable class: greedy `/v1/completions` on the rendered text (prompt + prefix) of a running
-    derta / OpenAI-compatible server. The API key comes from env `DERTA_API_KEY`; the served model name is the
+    derta / OpenAI-compatible server. `key` is the driver's env `DERTA_API_KEY`; the served model name is the
     first entry of `/v1/models`."""
 
-    def __init__(self, url: str, tokenizer_path: str, config: dict, parallel_requests: int = 8):
+    def __init__(self, url: str, tokenizer_path: str, config: dict, key: str | None = None,
+                 parallel_requests: int = 8):
         import httpx
 
         from derta.modeling import load_tokenizer
 
         self.cfg = DertaConfig.model_validate(config)
         self.renderer = make_renderer(load_tokenizer(tokenizer_path, self.cfg.model.trust_remote_code), self.cfg)
-        self.client = httpx.Client(base_url=endpoint_base(url), headers=bearer("DERTA_API_KEY"), timeout=600)
+        self.client = httpx.Client(base_url=endpoint_base(url), headers=bearer(key), timeout=600)
         models = self.client.get("/v1/models")
         models.raise_for_status()
         self.served_name = models.json()["data"][0]["id"]
@@ -233,7 +237,8 @@ def generate_completions(cfg: DertaConfig, model: ModelSpec, items: list[EvalIte
 
     rows = [{"index": i, "prompt": item.prompt, "prefix": item.prefix} for i, item in enumerate(items)]
     if model.is_endpoint:
-        fn, args = EndpointGenerator, (model.source, tokenizer_path(cfg, model), cfg.model_dump(mode="json"))
+        fn, args = EndpointGenerator, (model.source, tokenizer_path(cfg, model), cfg.model_dump(mode="json"),
+                                       api_key("DERTA_API_KEY"))
     else:
         fn, args = Generator, (local_model_path(cfg, model.source), tokenizer_path(cfg, model),
                                cfg.model_dump(mode="json"))
@@ -325,7 +330,7 @@ class EndpointJudge(RulesJudge):
     def judge_harmful(self, items: list[EvalItem], completions: list[str]) -> list[tuple]:
         import httpx
 
-        with httpx.Client(base_url=self.url, headers=bearer("DERTA_JUDGE_API_KEY"), timeout=600) as client, \
+        with httpx.Client(base_url=self.url, headers=bearer(api_key("DERTA_JUDGE_API_KEY")), timeout=600) as client, \
                 ThreadPoolExecutor(self.parallel_requests) as pool:
             return list(pool.map(lambda pair: self.ask(client, *pair), zip(items, completions)))
 

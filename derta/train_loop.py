@@ -152,6 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[derta] resumed at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
 
     use_autocast = device.type == "cuda"
+    pad_multiple = 8 if device.type == "cuda" else 1  # tensor-core friendly shapes only matter on GPU
     shard = ray.train.get_dataset_shard("train")
     window = {"mle": 0.0, "n_mle": 0, "rto": 0.0, "n_rto": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
     model.train()
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
             if index < batch_in_epoch:
                 continue  # data position of a resumed run: skip what was already trained
-            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, pad_multiple).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             terms = derta_loss(logits, batch["labels"], batch["rto_mask"], train.mle_weight, train.rto_weight)
@@ -212,7 +213,7 @@ def _window_metrics(window: dict, scheduler, step: int, total_steps: int, epoch:
     return {
         "step": step, "total_steps": total_steps, "epoch": epoch,
         "loss": (mle + rto) / max(n_mle + n_rto, 1),
-        "loss_mle": mle / max(n_mle, 1), "loss_rto": rto / max(n_rto, 1),
+        "loss_mle": mle / n_mle if n_mle else None, "loss_rto": rto / n_rto if n_rto else None,
         "supervised_tokens": int(n_mle + n_rto), "tokens": int(tokens),
         "tokens_per_s": tokens / elapsed, "lr": scheduler.get_last_lr()[0],
         "padding_fraction": 1 - tokens / max(padded, 1),
@@ -232,8 +233,10 @@ def _log(output_dir: str, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(metrics) + "\n")
-    print(f"[derta] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
-          f"(mle {metrics['loss_mle']:.4f}, rto {metrics['loss_rto']:.4f}) lr {metrics['lr']:.2e} "
+    terms = ", ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in ("mle", "rto")
+                      if metrics["loss_" + name] is not None)
+    print(f"[derta] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} ({terms}) "
+          f"lr {metrics['lr']:.2e} "
           f"{metrics['tokens_per_s']:.0f} tok/s pad {metrics['padding_fraction']:.1%}", flush=True)
 
 

@@ -39,7 +39,7 @@ def preflight(cfg: DertaConfig) -> str:
 
 
 def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from derta.data import check_quality, prepare_examples, select_training_rows, write_quarantine
@@ -76,7 +76,8 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
         run_config=RunConfig(
             name=train.run_name, storage_path=str(output / "checkpoints"),
             failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": train_ds},
     )
     result = trainer.fit()

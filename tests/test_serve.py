@@ -1,14 +1,17 @@
 """Ray Serve app over HTTP: every route, every error path, probe math, batching, OpenAI client, overload.
 
-One module-scoped Serve instance on a free loopback port runs the main app (default model + a registry alias,
-API key on); the overload test adds and deletes a second small app with max_ongoing=1 / max_queued=1.
+One module-scoped Serve instance on a free loopback port runs the main app through `start_local` (what
+`derta serve` runs: default model + a registry alias, API key on); the overload test deploys a second small app
+through `build_app` (the serve_config.yaml import path) with max_ongoing=1 / max_queued=1, then deletes it.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,10 +30,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(client, prefix: str = "", timeout: float = 120) -> None:
+def wait_ready(client, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if client.get(f"{prefix}/ready").status_code == 200:
+        if client.get("/ready").status_code == 200:
             return
         time.sleep(0.2)
     raise TimeoutError("the app never became ready")
@@ -46,15 +49,12 @@ def server(ray_session, tiny_config, tiny_path):
     """The main app at http://127.0.0.1:<port>/ with models `derta` (default) and `alias` (registry)."""
     from ray import serve
 
-    from serve.app import build_app
+    from derta.config import load_config
+    from serve.app import start_local
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
-        tiny_config, f"serve.api_key={API_KEY}", "serve.batch_wait_timeout_s=0.05",
-        f"serve.registry={{alias: {{path: {tiny_path}}}}}")})
-    serve.run(app, name="derta-test", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
+    cfg = load_config("tiny", overrides(tiny_config, f"serve.api_key={API_KEY}", "serve.batch_wait_timeout_s=0.05",
+                                        f"serve.registry={{alias: {{path: {tiny_path}}}}}"))
+    yield start_local(cfg, tiny_path, free_port())
     serve.shutdown()
 
 
@@ -106,7 +106,8 @@ def test_default_model_path_picks_newest_complete_checkpoint(tmp_path, tiny_conf
     assert default_model_path(tiny_config, tmp_path) == str(newer)
 
     trained = []
-    monkeypatch.setattr("derta.trainer.run_training", lambda cfg: trained.append(cfg) or tmp_path / "t" / "final")
+    fake_trainer = types.SimpleNamespace(run_training=lambda cfg: trained.append(cfg) or tmp_path / "t" / "final")
+    monkeypatch.setitem(sys.modules, "derta.trainer", fake_trainer)  # the real one imports Ray Train
     assert default_model_path(tiny_config, tmp_path / "empty") == str(tmp_path / "t" / "final")
     assert trained == [tiny_config]
 
@@ -135,6 +136,31 @@ def test_row_decoder_stop_strings_and_holdback(tokenizer):
     row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=2), eos_ids={-1})
     row.push(ids[0]), row.push(ids[1])
     assert row.result()["finish_reason"] == "length" and row.completion_tokens == 2
+
+
+def test_run_local_defaults_blocks_until_sigterm_then_shuts_down(tiny_config, monkeypatch, capsys):
+    """`derta serve` around start_local (which the shared `server` fixture runs for real)."""
+    import signal
+    import threading
+
+    from serve import app
+
+    calls = []
+    monkeypatch.setattr(app, "default_model_path", lambda cfg: "/runs/newest/final")
+    monkeypatch.setattr(app, "start_local", lambda *args: calls.append(args) or "http://127.0.0.1:1234")
+    monkeypatch.setattr(app.serve, "shutdown", lambda: calls.append("shutdown"))
+    original = signal.getsignal(signal.SIGTERM)
+
+    def signal_once_waiting():
+        while signal.getsignal(signal.SIGTERM) is original:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_waiting, daemon=True).start()
+    app.run_local(tiny_config)
+    assert calls == [(tiny_config, "/runs/newest/final", None), "shutdown"]
+    assert "serving /runs/newest/final at http://127.0.0.1:1234" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is original
 
 
 # ============================================================================================ service routes
@@ -360,11 +386,13 @@ def test_limits_unknown_models_and_junk_payloads(client):
 
 # ============================================================================================ overload
 @pytest.mark.slow
-def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_path):
+def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_path, monkeypatch):
     import httpx
     from ray import serve
 
     from serve.app import build_app
+
+    monkeypatch.delenv("DERTA_API_KEY", raising=False)  # this app runs without a key
 
     app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
         tiny_config, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
