@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,7 +150,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if rank == 0:
             _truncate_metrics(output_dir, step)
-            print(f"[derta] resumed at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
+            _say(f"[derta] resumed at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     use_autocast = device.type == "cuda"
     pad_multiple = 8 if device.type == "cuda" else 1  # tensor-core friendly shapes only matter on GPU
@@ -235,9 +236,14 @@ def _log(output_dir: str, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
     terms = ", ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in ("mle", "rto")
                       if metrics["loss_" + name] is not None)
-    print(f"[derta] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} ({terms}) "
-          f"lr {metrics['lr']:.2e} "
-          f"{metrics['tokens_per_s']:.0f} tok/s pad {metrics['padding_fraction']:.1%}", flush=True)
+    _say(f"[derta] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} ({terms}) "
+         f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s pad {metrics['padding_fraction']:.1%}")
+
+
+def _say(line: str) -> None:
+    # sys.stdout directly: Ray Train patches print() into a logger that echoes each line twice on the console
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank: int) -> None:
