@@ -35,11 +35,12 @@ def _config(config: Optional[str], overrides: Optional[List[str]]) -> DertaConfi
 def _guard(fn):
     """Turn expected failures (bad config, bad data) into one clear line instead of a traceback."""
     from derta.data import DataQualityError
+    from derta.trainer import TrainingFailed
     from derta.transforms import RefusalTokenError
 
     try:
         return fn()
-    except (ConfigError, DataQualityError, RefusalTokenError, FileNotFoundError) as err:
+    except (ConfigError, DataQualityError, RefusalTokenError, FileNotFoundError, TrainingFailed) as err:
         _fail(str(err))
 
 

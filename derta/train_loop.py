@@ -67,12 +67,29 @@ def build_model(model_path: str, cfg: DertaConfig, device: torch.device, resume_
     return model
 
 
+def fsdp_kwargs(model) -> dict:
+    """Shard per decoder layer, bf16 compute with fp32 master weights; use_orig_params lets frozen base weights and
+    trainable LoRA weights share a shard unit."""
+    import functools
+
+    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    layer_classes = {type(module) for name, module in model.named_modules() if name.endswith("layers.0")}
+    return {
+        "auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes),
+        "mixed_precision": MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        "use_orig_params": True,
+    }
+
+
 def unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, cfg: DertaConfig, state: dict) -> None:
-    unwrap(model).save_pretrained(directory, safe_serialization=True)
+def save_checkpoint(directory: Path, model, tokenizer, cfg: DertaConfig, state: dict,
+                    model_state: dict | None = None) -> None:
+    unwrap(model).save_pretrained(directory, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(directory)
     (directory / "derta_config.yaml").write_text(dump_config(cfg))
     torch.save(state, directory / STATE_FILE)
@@ -137,7 +154,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tokenizer = load_tokenizer(loop_config["model_path"])
     model = build_model(loop_config["model_path"], cfg, device, resume_dir)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=train.strategy)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=train.strategy,
+                                          parallel_strategy_kwargs=fsdp_kwargs(model) if train.strategy == "fsdp"
+                                          else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
     batches_per_epoch, total_steps = loop_config["batches_per_epoch"], loop_config["total_steps"]
@@ -145,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.scheduler, warmup, total_steps))
     step, epoch, batch_in_epoch = 0, 0, 0
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(model, optimizer, state["optimizer"], cfg)
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if rank == 0:
@@ -197,9 +216,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _log(output_dir, metrics)
             if step % train.checkpoint_every == 0 or is_last:
                 next_position = (epoch, batch_in_epoch) if batch_in_epoch < batches_per_epoch else (epoch + 1, 0)
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                model_state, optimizer_state = _full_state(model, optimizer, cfg)
+                state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step,
                          "epoch": next_position[0], "batch_in_epoch": next_position[1]}
-                _report(metrics, model, tokenizer, cfg, state, rank)
+                _report(metrics, model, tokenizer, cfg, state, rank, model_state)
             elif "loss" in metrics:
                 ray.train.report(metrics)
         if step >= total_steps:
@@ -246,7 +266,30 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank: int) -> None:
+def _load_optimizer(model, optimizer, optimizer_state: dict, cfg: DertaConfig) -> None:
+    if cfg.train.strategy != "fsdp":
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full_state(model, optimizer, cfg: DertaConfig) -> tuple[dict | None, dict]:
+    """(model state dict or None for "take it from the module", optimizer state). Under FSDP this is a
+    collective that gathers full, unsharded tensors (to CPU) and must run on every rank."""
+    if cfg.train.strategy != "fsdp":
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank: int,
+            model_state: dict | None = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -254,5 +297,5 @@ def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, tokenizer, cfg, state)
+        save_checkpoint(Path(tmp), model, tokenizer, cfg, state, model_state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

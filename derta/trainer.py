@@ -10,6 +10,10 @@ from derta.config import ConfigError, DertaConfig
 from derta.train_loop import STATE_FILE, plan_steps, train_loop_per_worker
 
 
+class TrainingFailed(RuntimeError):
+    pass
+
+
 def preflight(cfg: DertaConfig) -> str:
     """Fail before any worker starts: model path, refusal token, GPUs, batch fit. Returns the model path."""
     import ray
@@ -32,7 +36,8 @@ def preflight(cfg: DertaConfig) -> str:
             raise ConfigError(f"train.use_gpu=true needs {needed:g} GPUs but the Ray cluster has {available:g}; "
                               "set train.use_gpu=false or add GPU nodes")
     if train.strategy == "fsdp" and not train.use_gpu:
-        raise ConfigError("train.strategy=fsdp needs GPUs (train.use_gpu=true); use ddp on CPU")
+        raise ConfigError("train.strategy=fsdp needs GPUs (Ray Train runs FSDP only with use_gpu=true); "
+                          "use train.strategy=ddp on CPU")
     if cfg.data.max_length < 16:
         raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for prompt + response")
     return model_path
@@ -80,7 +85,10 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
             logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": train_ds},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; keep their message, drop our frames
+        raise TrainingFailed(f"training failed after {train.max_failures} retries: {err}") from None
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     final = output / "final"
