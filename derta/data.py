@@ -60,6 +60,9 @@ def detect_format(path: Path) -> str:
 
 def expand_source(source: SourceConfig) -> list[tuple[str, str]]:
     """(file path, format) pairs for one configured source."""
+    if "://" in source.path:  # object store URI (s3://, gs://, ...): Ray Data reads it on the workers
+        fmt = source.format if source.format != "auto" else detect_format(Path(source.path.split("://", 1)[1]))
+        return [(source.path, fmt)]
     path = Path(os.path.expanduser(source.path))
     if not path.exists():
         raise ConfigError(f"data source not found: {source.path}")
