@@ -96,7 +96,7 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", help="checkpoint dir, adapter dir or hub id"),
     port: Optional[int] = typer.Option(None, "--port"),
 ):
-    """Serve /generate, /probe and /v1/* on 127.0.0.1 (default: the newest local tiny checkpoint)."""
+    """Serve /generate, /probe and /v1/* on serve.host (127.0.0.1 by default; model: the newest local checkpoint)."""
     cfg = _config(config, set_)
 
     def run():

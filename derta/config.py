@@ -285,7 +285,7 @@ def _read_yaml(path: Path) -> dict:
 def resolve_preset(name_or_path: str | Path) -> Path:
     """A path, or a preset name from configs/ (`tiny` -> configs/tiny.yaml)."""
     path = Path(name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
         return path
     return CONFIG_DIR / f"{name_or_path}.yaml"
 

@@ -125,16 +125,17 @@ def test_row_decoder_stop_strings_and_holdback(tokenizer):
     from serve.app import GenerationJob, RowDecoder
 
     ids = tokenizer.encode("the cake is ready now", add_special_tokens=False)
-    row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=50, stop=["ready"]), eos_ids={-1})
-    streamed = ""
+    row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=50, stop=["is ready now"]), eos_ids={-1})
+    streamed = []
     for token in ids:
         row.push(token)
-        streamed += row.take_delta()
-        if row.finished:
-            break
-    assert row.finish_reason == "stop" and row.text == "the cake is " and streamed == row.text
+        streamed.append(row.take_delta())
+    # "is", then "is ready" could still become the stop string: held back, never streamed
+    assert row.finish_reason == "stop" and row.text == "the cake " and "".join(streamed) == row.text
+    assert not any("is" in delta for delta in streamed)
     row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=2), eos_ids={-1})
-    row.push(ids[0]), row.push(ids[1])
+    row.push(ids[0])
+    row.push(ids[1])
     assert row.result()["finish_reason"] == "length" and row.completion_tokens == 2
 
 

@@ -1,0 +1,220 @@
+"""Benchmark the Serve app on the tiny model (CPU): probe cost and batched generation throughput.
+
+    python bench/bench_serve.py [--clients 16] [--requests-per-client 4] [--new-tokens 32]
+
+Named baselines, all measured in this run on the same model and sequences:
+  forward          one raw forward pass over prompt + response (64 response tokens)
+  probe_inprocess  derta.probe.probe on that sequence (the function /probe calls)
+  probe_http       POST /probe over HTTP through Serve (tokenization, routing, JSON included)
+  per_position     the naive probe: for each of the 65 positions, prefill prompt + response[:i] and generate 1 token
+  hf_sequential    unbatched HF `generate`, one request after another
+  serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel)
+Ratios are printed last; targets: probe <= 1.3x forward, per_position >= 50x probe, serve_batched >= 4x hf_sequential.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from derta.config import load_config  # noqa: E402
+from derta.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from derta.probe import probe  # noqa: E402
+from derta.transforms import PromptRenderer, refusal_token_ids  # noqa: E402
+
+RESPONSE_TOKENS = 64
+PROMPT = "Explain step by step how to make the cake, and why the sky is blue."
+WORDS = "first bake the bread then explain why water and light make the sky blue because of scattering".split()
+TOPICS = ["bread", "cake", "water", "light", "the sky", "a model", "a question", "an answer"]
+
+
+def interleaved_seconds(fns: dict, reps: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """name -> (min, median) seconds; the candidates run round-robin so that load from other processes on a
+    shared machine hits them alike (min is the least disturbed run, median the typical one)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + reps):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def response_of_length(tokenizer, n: int) -> tuple[str, list[int]]:
+    """A response text whose tokenization is exactly n tokens long (re-encoded, so HTTP sees the same ids)."""
+    text = " ".join(WORDS * (n // len(WORDS) + 2) * 2)
+    ids = tokenizer.encode(text, add_special_tokens=False)[:n]
+    text = tokenizer.decode(ids)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Question {i}: how do I make {TOPICS[i % len(TOPICS)]} in {i % 5 + 1} steps?" for i in range(count)]
+
+
+# ============================================================================================ in-process
+class Local:
+    def __init__(self, cfg, path: str):
+        self.model = load_model(path, cfg.model).eval()
+        self.tokenizer = load_tokenizer(path)
+        data = cfg.data
+        self.renderer = PromptRenderer(self.tokenizer, data.use_chat_template, data.plain_template, data.system_prompt)
+        self.refusal_ids = refusal_token_ids(self.tokenizer, data.probe_refusal_strings)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.renderer.encode_prompt(self.renderer.render(prompt))
+
+    @torch.no_grad()
+    def forward(self, ids: list[int]) -> None:
+        self.model(input_ids=torch.tensor([ids]))
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], new_tokens: int) -> int:
+        input_ids = torch.tensor([ids])
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return out.shape[1] - len(ids)
+
+    def per_position(self, prompt_ids: list[int], response_ids: list[int]) -> None:
+        for i in range(len(response_ids) + 1):
+            self.generate(prompt_ids + response_ids[:i], 1)
+
+
+# ============================================================================================ Serve
+def start_serve(cfg, path: str) -> str:
+    from ray import serve
+
+    from derta.runtime import init_ray
+    from serve.app import bind_app
+
+    init_ray(num_cpus=4)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(bind_app(cfg, path), name="bench", route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}"
+
+
+def wait_ready(http) -> None:
+    for _ in range(600):
+        if http.get("/ready").status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("server never became ready")
+
+
+def serve_throughput(url: str, texts: list[str], clients: int, new_tokens: int) -> tuple[float, int, list[int]]:
+    """Tokens/s with `clients` concurrent HTTP clients; also the batch size each request ran in."""
+    import httpx
+
+    chunks = [texts[i::clients] for i in range(clients)]
+
+    def client_loop(chunk: list[str]) -> list[dict]:
+        with httpx.Client(base_url=url, timeout=300) as http:
+            return [http.post("/generate", json={"prompt": p, "max_new_tokens": new_tokens}).json() for p in chunk]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for chunk in pool.map(client_loop, chunks) for r in chunk]
+    seconds = time.perf_counter() - started
+    tokens = sum(r["completion_tokens"] for r in results)
+    return tokens / seconds, tokens, [r["batch_size"] for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+
+    cfg = load_config("tiny", [f"serve.max_batch_size={args.clients}", "serve.ray_actor_options={num_cpus: 2}",
+                               f"serve.max_ongoing_requests={2 * args.clients}"])
+    path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
+    torch.set_num_threads(2)
+    local = Local(cfg, path)
+    prompt_ids = local.prompt_ids(PROMPT)
+    response_text, response_ids = response_of_length(local.tokenizer, RESPONSE_TOKENS)
+    sequence = prompt_ids + response_ids
+    print(f"[bench] model {path}; prompt {len(prompt_ids)} tokens, response {len(response_ids)} tokens; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+
+    short_ids = local.prompt_ids(prompts(1)[0])
+    t = interleaved_seconds({
+        "forward": lambda: local.forward(sequence),
+        "probe_inprocess": lambda: probe(local.model, prompt_ids, response_ids, local.refusal_ids),
+        "generate_8_inprocess": lambda: local.generate(short_ids, 8),
+    }, args.reps)
+    t |= interleaved_seconds({"per_position": lambda: local.per_position(prompt_ids, response_ids)}, 3)
+
+    texts = prompts(args.clients * args.requests_per_client)
+    started = time.perf_counter()
+    hf_tokens = sum(local.generate(local.prompt_ids(p), args.new_tokens) for p in texts)
+    hf_throughput = hf_tokens / (time.perf_counter() - started)
+
+    import httpx
+
+    url = start_serve(cfg, path)
+    with httpx.Client(base_url=url, timeout=300) as http:
+        wait_ready(http)
+        probe_body = {"prompt": PROMPT, "response": response_text}
+        assert http.post("/probe", json=probe_body).json()["response_tokens"] == len(response_ids)
+        gen_body = {"prompt": prompts(1)[0], "max_new_tokens": 8}
+        t |= interleaved_seconds({  # the in-process twins again, interleaved with their HTTP calls
+            "forward_again": lambda: local.forward(sequence),
+            "probe_http": lambda: http.post("/probe", json=probe_body).raise_for_status(),
+            "generate_8_http": lambda: http.post("/generate", json=gen_body).raise_for_status(),
+            "generate_8_inprocess_again": lambda: local.generate(short_ids, 8),
+        }, args.reps)
+    serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens)
+
+    print("\n== latency: min / median over interleaved runs ==")
+    for name, (best, median) in t.items():
+        print(f"  {name:28s} {best * 1000:9.2f} / {median * 1000:9.2f} ms")
+    print("\n== generation throughput ==")
+    print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1)")
+    print(f"  serve_batched          {serve_tps:9.1f} tokens/s  ({serve_tokens} tokens, {args.clients} clients, "
+          f"median batch {statistics.median(batch_sizes):g}, largest {max(batch_sizes)})")
+    median = {name: values[1] for name, values in t.items()}
+    generate_overhead = median["generate_8_http"] - median["generate_8_inprocess_again"]
+    probe_overhead = median["probe_http"] - median["forward_again"]
+    print(f"  p50 Serve+HTTP overhead over the raw model call: /generate (8 tokens) {generate_overhead * 1000:.2f} ms, "
+          f"/probe {probe_overhead * 1000:.2f} ms")
+
+    ratios = {  # medians; HTTP numbers against the forward measured interleaved with them
+        "probe_inprocess/forward (<=1.3)": median["probe_inprocess"] / median["forward"],
+        "probe_http/forward (<=1.3)": median["probe_http"] / median["forward_again"],
+        "per_position/probe_inprocess (>=50)": median["per_position"] / median["probe_inprocess"],
+        "per_position/probe_http (>=50)": median["per_position"] / median["probe_http"],
+        "serve_batched/hf_sequential (>=4)": serve_tps / hf_throughput,
+    }
+    print("\n== ratios (medians) ==")
+    for name, value in ratios.items():
+        print(f"  {name:40s} {value:8.2f}x")
+    print("RATIOS " + "  ".join(f"{name.split(' ')[0]}={value:.2f}x" for name, value in ratios.items()))
+
+    from ray import serve
+
+    serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
