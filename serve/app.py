@@ -368,9 +368,9 @@ def continuation_refuses(text: str, token_ids: list[int], refusal_ids: list[int]
 # ============================================================================================ model deployment
 @serve.deployment
 class DertaModel:
-    """One model per replica. Weights load in a background thread so that /ready can say 503 until done."""
+    """One model per replica, loaded before the replica takes traffic."""
 
-    def __init__(self, config: dict, name: str, source: dict):
+    async def __init__(self, config: dict, name: str, source: dict):
         import torch
 
         self.cfg = DertaConfig.model_validate(config)
@@ -384,7 +384,10 @@ class DertaModel:
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
         self._init_metrics()
-        threading.Thread(target=self._load, name="derta-load", daemon=True).start()
+        # Serve routes traffic to a replica once __init__ returns: load first, so a new or restarted replica
+        # (node loss, autoscale-up) never answers "still loading"; a load error fails the replica
+        await asyncio.to_thread(self._load)
+        self.check_health()
 
     def _init_metrics(self) -> None:
         from ray.serve.metrics import Counter, Histogram
@@ -676,10 +679,13 @@ class DertaIngress:
 
 
 def error_response(err: Exception | Rejection):
-    from ray.serve.exceptions import BackPressureError
+    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError: a replica's node went away
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(err, (ServeError, Rejection)):
         return json_error(err.status_code, err.detail)
+    if isinstance(err, (RayActorError, DeploymentUnavailableError)):
+        return json_error(503, "model replica unavailable, retry later")
     if isinstance(err, BackPressureError):
         return json_error(503, f"server overloaded, retry later ({err.message})")
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
