@@ -1,0 +1,184 @@
+"""Benchmark DeRTa data preparation: the Ray Data pipeline vs Hugging Face `datasets.map`, same rows, same code.
+
+    python bench/bench_data.py [--helpful 24000] [--harmful 8000] [--lookalike 2000] [--num-proc 2] [--repeats 2]
+                               [--skip-np1] [--skip-conc2]
+
+Both engines run the SAME derta code on the SAME JSONL files (the synthetic corpus from `derta.synthetic.write_corpus`,
+train_helpful + train_safety, mode=derta, tiny-preset tokenizer):
+    derta.data._parse_jsonl   -> raw rows (bytes -> {source, line, raw, error})
+    derta.data.normalize_batch -> canonical records (pydantic validation)
+    derta.data.tokenize_batch  -> DeRTa examples (helpful / harmful_prefix / rto), one cached Tokenize per process
+Only the engine differs:
+  ray_data          derta.data.prepare_examples (read_binary_files -> flat_map -> map_batches x2 -> materialize ->
+                    count kinds), with the library defaults (tokenize_concurrency=1, tokenize_batch_size=256)
+  ray_data_conc2    the same with data.tokenize_concurrency=2 (a config knob, shown as evidence only)
+  hf_datasets       datasets.load_dataset("text") per file -> Dataset.map(batched=True, batch_size=256,
+                    num_proc=N) calling the functions above -> concatenate -> count kinds   (the named baseline, N=2)
+  hf_datasets_np1   the same with num_proc=1
+Ray startup (ray.init) and warm-up runs of both engines on a small corpus are excluded from the timed section and
+printed apart. The machine is shared: hf_datasets and ray_data alternate --repeats times (ABAB) and each keeps its best
+run (contention only adds time); every run is printed, with the load average.
+Throughput is SOURCE rows/s (JSONL lines in); examples/s (rows out) is printed too. The ratio is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from derta.config import SourceConfig, load_config  # noqa: E402
+from derta.data import _parse_jsonl, normalize_batch, tokenize_batch  # noqa: E402
+from derta.modeling import resolve_model_path  # noqa: E402
+from derta.synthetic import write_corpus  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ HF datasets
+def hf_transform(batch: dict, indices: list[int], *, path: str, source_index: int, sources: list[dict],
+                 max_chars: int, tokenizer_path: str, data_json: str, mode: str):
+    """One datasets.map batch of JSONL lines -> DeRTa examples, through the same derta functions Ray runs."""
+    raw = list(_parse_jsonl(path, "\n".join(batch["text"]).encode("utf-8")))
+    if len(raw) != len(indices):  # the corpus has no blank lines; keep the 1:1 line mapping honest
+        raise RuntimeError("blank lines in the corpus: line numbers would not match")
+    rows = {"source": [r["source"] for r in raw], "line": [i + 1 for i in indices], "raw": [r["raw"] for r in raw],
+            "error": [r["error"] for r in raw], "source_index": [source_index] * len(raw)}
+    records = normalize_batch(rows, sources, max_chars).to_pydict()
+    return tokenize_batch(records, tokenizer_path, data_json, mode)  # a pyarrow Table: datasets accepts it
+
+
+def run_hf(paths: list[str], cfg, tokenizer_path: str, num_proc: int, cache_dir: Path) -> tuple[float, dict]:
+    import datasets
+
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    sources = [SourceConfig(path=p).model_dump() for p in paths]
+    started = time.perf_counter()
+    parts = []
+    for index, path in enumerate(paths):
+        ds = datasets.load_dataset("text", data_files=path, split="train", cache_dir=str(cache_dir))
+        parts.append(ds.map(
+            hf_transform, batched=True, batch_size=cfg.data.tokenize_batch_size, with_indices=True,
+            num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"], load_from_cache_file=False,
+            fn_kwargs={"path": path, "source_index": index, "sources": sources, "max_chars": cfg.data.max_chars,
+                       "tokenizer_path": tokenizer_path, "data_json": cfg.data.model_dump_json(),
+                       "mode": cfg.data.mode}))
+    examples = datasets.concatenate_datasets(parts)
+    counts = dict(Counter(examples["kind"]))
+    return time.perf_counter() - started, counts
+
+
+# ------------------------------------------------------------------------------------------- Ray Data
+def run_ray(paths: list[str], cfg, tokenizer_path: str, workdir: Path) -> tuple[float, dict]:
+    from derta.data import prepare_examples
+
+    started = time.perf_counter()
+    examples, counts = prepare_examples(cfg, tokenizer_path, workdir, inputs=paths)
+    elapsed = time.perf_counter() - started
+    del examples
+    return elapsed, counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--helpful", type=int, default=24000)
+    parser.add_argument("--harmful", type=int, default=8000)
+    parser.add_argument("--lookalike", type=int, default=2000)
+    parser.add_argument("--num-proc", type=int, default=2, help="num_proc of the hf_datasets baseline")
+    parser.add_argument("--repeats", type=int, default=2, help="hf_datasets/ray_data runs each, alternating")
+    parser.add_argument("--skip-np1", action="store_true", help="skip the num_proc=1 HF run")
+    parser.add_argument("--skip-conc2", action="store_true", help="skip the tokenize_concurrency=2 Ray run")
+    args = parser.parse_args()
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    cfg = load_config("tiny")
+    tokenizer_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
+    tmp = Path(tempfile.mkdtemp(prefix="derta-bench-data-"))
+    try:
+        corpus = write_corpus(tmp / "corpus", n_helpful=args.helpful, n_harmful=args.harmful,
+                              n_lookalike=args.lookalike)
+        warm = write_corpus(tmp / "warm", n_helpful=300, n_harmful=100, n_lookalike=30)
+        paths = [str(corpus["train_helpful"]), str(corpus["train_safety"])]
+        warm_paths = [str(warm["train_helpful"]), str(warm["train_safety"])]
+        n_rows = sum(1 for p in paths for line in open(p, encoding="utf-8") if line.strip())
+        print(f"corpus: {n_rows} source rows (train_helpful + train_safety), mode={cfg.data.mode}, "
+              f"tokenize_batch_size={cfg.data.tokenize_batch_size}, cpus={os.cpu_count()}", flush=True)
+
+        import ray
+
+        from derta.runtime import init_ray
+
+        started = time.perf_counter()
+        init_ray()
+        startup = time.perf_counter() - started
+        print(f"ray startup (init_ray, num_cpus={int(ray.cluster_resources().get('CPU', 0))}): {startup:.2f}s "
+              "(not timed)", flush=True)
+        cfg2 = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenize_concurrency": 2})})
+        started = time.perf_counter()
+        run_ray(warm_paths, cfg, tokenizer_path, tmp / "ray_warm")
+        if not args.skip_conc2:
+            run_ray(warm_paths, cfg2, tokenizer_path, tmp / "ray_warm2")  # a second warm worker for concurrency=2
+        # num_proc=1 loads the tokenizer into this process, so the forked map workers inherit it, as warm as Ray's
+        run_hf(warm_paths, cfg, tokenizer_path, 1, tmp / "hf_cache_warm1")
+        run_hf(warm_paths, cfg, tokenizer_path, args.num_proc, tmp / "hf_cache_warm")
+        print(f"warm-up runs on a {sum(1 for p in warm_paths for _ in open(p))}-row corpus (Ray workers + tokenizer "
+              f"load, HF imports + pool): {time.perf_counter() - started:.2f}s (not timed)", flush=True)
+
+        # the machine is shared and noisy: the two engines alternate (ABAB...) and each keeps its best run
+        runs: dict[str, list[tuple[float, dict]]] = {"hf_datasets": [], "ray_data": []}
+        for repeat in range(args.repeats):
+            runs["hf_datasets"].append(run_hf(paths, cfg, tokenizer_path, args.num_proc, tmp / "hf_cache"))
+            print(f"run {repeat + 1}: hf_datasets (num_proc={args.num_proc}) {runs['hf_datasets'][-1][0]:.2f}s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            runs["ray_data"].append(run_ray(paths, cfg, tokenizer_path, tmp / "ray"))
+            print(f"run {repeat + 1}: ray_data (tokenize_concurrency={cfg.data.tokenize_concurrency}) "
+                  f"{runs['ray_data'][-1][0]:.2f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+        if not args.skip_np1:
+            runs["hf_datasets_np1"] = [run_hf(paths, cfg, tokenizer_path, 1, tmp / "hf_cache1")]
+            print(f"hf_datasets (num_proc=1) {runs['hf_datasets_np1'][0][0]:.2f}s", flush=True)
+        if not args.skip_conc2:
+            runs["ray_data_conc2"] = [run_ray(paths, cfg2, tokenizer_path, tmp / "ray2")]
+            print(f"ray_data (tokenize_concurrency=2) {runs['ray_data_conc2'][0][0]:.2f}s", flush=True)
+        ray.shutdown()
+        results = {name: min(measured, key=lambda r: r[0]) for name, measured in runs.items()}
+
+        reference = results["ray_data"][1]
+        for name, (_, counts) in results.items():
+            if counts != reference:
+                raise SystemExit(f"{name} produced different examples per kind: {counts} vs ray_data {reference}")
+        n_examples = sum(reference.values())
+        print(f"\nexamples per kind (identical in every run): {reference}; load average {os.getloadavg()[0]:.1f} "
+              f"at the end (2 cores: above ~2 means other work shared the machine)")
+        print(f"{'engine (best run)':<34}{'seconds':>9}{'source rows/s':>15}{'examples/s':>12}")
+        labels = {"hf_datasets": f"hf_datasets (num_proc={args.num_proc})",
+                  "hf_datasets_np1": "hf_datasets (num_proc=1)",
+                  "ray_data": f"ray_data (tokenize_concurrency={cfg.data.tokenize_concurrency})",
+                  "ray_data_conc2": "ray_data (tokenize_concurrency=2)"}
+        for name, (seconds, _) in results.items():
+            every = ", ".join(f"{n_rows / s:.0f}" for s, _ in runs[name])
+            print(f"{labels[name]:<34}{seconds:>9.2f}{n_rows / seconds:>15.0f}{n_examples / seconds:>12.0f}   "
+                  f"runs (rows/s): {every}")
+        rate = {name: n_rows / seconds for name, (seconds, _) in results.items()}
+        if "hf_datasets_np1" in rate:
+            print(f"ratio ray_data/hf_datasets_np1 = {rate['ray_data'] / rate['hf_datasets_np1']:.2f}x")
+        if "ray_data_conc2" in rate:
+            print(f"ratio ray_data_conc2/hf_datasets = {rate['ray_data_conc2'] / rate['hf_datasets']:.2f}x")
+        print(f"baseline hf_datasets = datasets.map(batched=True, num_proc={args.num_proc})")
+        print(f"ratio ray_data/hf_datasets = {rate['ray_data'] / rate['hf_datasets']:.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
