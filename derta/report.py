@@ -15,6 +15,7 @@ CURVE_POSITIONS = (0, 5, 10, 20, 40)
 # metric key -> column label in the overview; asr_by_prefix expands to one column per k
 HEADLINE = {"asr": "ASR", "refusal_rate_unsafe": "refusal (unsafe)", "accuracy": "accuracy",
             "over_refusal_rate": "over-refusal", "refusal_rate_safe": "over-refusal"}
+BY_PREFIX = {"asr_by_prefix": "ASR", "refusal_by_prefix": "refusal"}
 ASR_PLOT, CURVE_PLOT = "asr_by_prefix.png", "refusal_curve.png"
 
 
@@ -27,11 +28,11 @@ def percent(value) -> str:
 
 
 def flatten(metrics: dict) -> dict[str, float | None]:
-    """{metric: value} with asr_by_prefix expanded to `ASR k=<k>` entries; counts (`n`) dropped."""
+    """{metric: value} with the by-prefix dicts expanded to `ASR k=<k>` / `refusal k=<k>`; counts (`n`) dropped."""
     flat = {}
     for key, value in metrics.items():
-        if key == "asr_by_prefix":
-            flat.update({f"ASR k={k}": v for k, v in value.items()})
+        if key in BY_PREFIX:
+            flat.update({f"{BY_PREFIX[key]} k={k}": v for k, v in value.items()})
         elif key != "n":
             flat[key] = value
     return flat
@@ -82,9 +83,21 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
                      for r in [header] + rows)
 
 
+def refusal_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Refusal rate per prefill length (the position bias without the judge's substantive-content threshold)."""
+    columns = [(suite, k) for suite in suites_of(summary) for k in
+               dict.fromkeys(k for per_suite in summary.values()
+                             for k in per_suite.get(suite, {}).get("refusal_by_prefix", {}))]
+    header = ["model"] + [f"{short(suite)} refusal k={k}" for suite, k in columns]
+    rows = [[model] + [percent(per_suite.get(suite, {}).get("refusal_by_prefix", {}).get(k)) for suite, k in columns]
+            for model, per_suite in summary.items()]
+    return header, rows
+
+
 def compact_table(summary: dict) -> str:
-    """The overview as fixed-width text (for the terminal)."""
-    return text_table(*overview_rows(summary))
+    """The overview, then refusal rate per prefill length, as fixed-width text (for the terminal)."""
+    header, rows = refusal_rows(summary)
+    return text_table(*overview_rows(summary)) + (f"\n\n{text_table(header, rows)}" if len(header) > 1 else "")
 
 
 def suite_table(summary: dict, suite: str) -> str:
@@ -166,6 +179,10 @@ def write_report(summary: dict, curves: dict, output: Path, title: str = "derta 
              "ASR = attack success rate (lower is safer); accuracy = exact answer (higher is better); "
              "over-refusal = refusals of benign prompts (lower is better).",
              markdown_table(*overview_rows(summary))]
+    header, rows = refusal_rows(summary)
+    if len(header) > 1:
+        parts += ["Refusal rate per prefill length (refused after k prefilled harmful tokens; the judge's refusal "
+                  "half, independent of its substantive-content threshold):", markdown_table(header, rows)]
     if plot_asr_by_prefix(summary, output / ASR_PLOT):
         parts += ["## ASR vs prefill length", f"![ASR vs prefill length]({ASR_PLOT})"]
     if plot_refusal_curves(curves, output / CURVE_PLOT):

@@ -32,6 +32,7 @@ def test_asr_by_prefix_groups_by_k_with_string_keys():
     assert metrics["n"] == 12 and metrics["asr"] == pytest.approx(5 / 12)
     assert metrics["refusal_rate"] == pytest.approx(5 / 12)
     assert list(metrics["asr_by_prefix"]) == ["0", "5", "10"]
+    assert metrics["refusal_by_prefix"] == {"0": 1.0, "5": 0.0, "10": 0.25}
 
 
 def test_rates_skip_missing_values():
@@ -197,6 +198,8 @@ def test_report_tables_put_helpfulness_and_over_refusal_next_to_safety(tmp_path)
     assert table[0].split() == ["model", "prefill", "ASR", "k=0", "prefill", "ASR", "k=10", "helpful", "accuracy",
                                 "lookalike", "over-refusal"]
     assert table[1].split() == ["vanilla", "0.0%", "75.0%", "50.0%", "25.0%"]
+    summary["derta"]["synthetic_prefill"]["refusal_by_prefix"] = {"0": 1.0, "10": 0.9}
+    assert compact_table(summary).splitlines()[-1].split() == ["derta", "100.0%", "90.0%"]
     report = write_report(summary, {"vanilla": [0.0, 0.1], "derta": [0.9, 0.95]}, tmp_path).read_text()
     assert "| vanilla | 0.0% | 75.0% | 50.0% | 25.0% |" in report
     assert (tmp_path / "asr_by_prefix.png").stat().st_size > 1000

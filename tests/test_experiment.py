@@ -1,0 +1,61 @@
+"""The toy experiment pipeline at a tiny scale: base pre-training, three fine-tunes with identical steps, the
+held-out evaluation and the report. Sizes are far too small for the paper's effect; only structure is checked."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from derta.experiment import ARMS, EXPERIMENT_SUITES, FINETUNE_LR_FRACTION, run_experiment
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+KS = [0, 5]
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_config, tmp_path_factory):
+    from derta.config import load_config
+
+    cfg = load_config("experiment", [
+        f"model.tiny_dir={tiny_config.model.tiny_dir}",
+        "data.synthetic={n_helpful: 200, n_harmful: 60, n_lookalike: 20, seed: 0}", "data.max_length=192",
+        "train.epochs=1", "train.max_steps=3", "train.batch_size=8", "train.log_every=1",
+        "eval.limit=3", "eval.max_new_tokens=8", "eval.concurrency=1", f"eval.prefill_ks={KS}"])
+    output = tmp_path_factory.mktemp("experiment")
+    return cfg, output, run_experiment(cfg, output)
+
+
+def test_summary_has_every_model_and_suite(experiment):
+    _, output, summary = experiment
+    assert json.loads((output / "summary.json").read_text()) == summary
+    assert list(summary) == ["base", *ARMS]
+    for metrics in summary.values():
+        assert list(metrics) == EXPERIMENT_SUITES
+        assert list(metrics["synthetic_prefill"]["asr_by_prefix"]) == [str(k) for k in KS]
+        assert {"asr", "refusal_rate"} <= set(metrics["synthetic_harmful"])
+        assert "accuracy" in metrics["synthetic_helpful"]
+        assert "over_refusal_rate" in metrics["synthetic_lookalike"]
+
+
+def test_training_happened_with_identical_fine_tune_steps(experiment):
+    cfg, output, _ = experiment
+    runs = json.loads((output / "experiment.json").read_text())["runs"]
+    assert runs["base"]["examples_by_kind"] == {"helpful": runs["base"]["rows"]}
+    assert {runs[arm]["steps"] for arm in ARMS} == {3}
+    assert "rto" in runs["derta"]["examples_by_kind"] and "rto" not in runs["vanilla"]["examples_by_kind"]
+    for name in ["base", *ARMS]:
+        metrics = [json.loads(line) for line in (output / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == metrics[-1]["total_steps"] == runs[name]["steps"]
+        assert (output / "runs" / name / "final" / "config.json").exists()
+    first = json.loads((output / "runs" / "vanilla" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] <= cfg.train.lr * FINETUNE_LR_FRACTION
+
+
+def test_report_and_items_are_written(experiment):
+    _, output, _ = experiment
+    report = (output / "report.md").read_text()
+    assert report.startswith("# DeRTa toy experiment") and "| derta | 3 |" in report
+    for name in ("asr_by_prefix.png", "refusal_curve.png", "curves.json"):
+        assert (output / name).exists()
+    assert set(json.loads((output / "curves.json").read_text())) == {"base", *ARMS}
+    assert (output / "items" / "derta" / "synthetic_prefill.jsonl").exists()
