@@ -35,6 +35,7 @@ SYNTHETIC_SPLITS = {"synthetic_helpful": "heldout_helpful", "synthetic_lookalike
                     "synthetic_harmful": "heldout_safety", "synthetic_prefill": "heldout_safety"}
 # suite -> metric kind where the evaluator reports differently from SuiteSpec.metric
 METRIC_OVERRIDES = {"synthetic_lookalike": "over_refusal"}
+MIN_CURVE_POSITIONS = 40  # the refusal curve spans positions 0..max(this, max(eval.prefill_ks))
 CHECKPOINT_DIR_NAMES = re.compile(r"^(final|checkpoint[_-]?\d*|latest)$")
 
 
@@ -476,7 +477,7 @@ def refusal_curve(cfg: DertaConfig, model_path: str, items: list[EvalItem]) -> l
     if not items:
         return []
     rows = [{"instruction": item.prompt, "harmful_response": item.meta["harmful_response"]} for item in items]
-    max_positions = max([*cfg.eval.prefill_ks, 40])
+    max_positions = max([*cfg.eval.prefill_ks, MIN_CURVE_POSITIONS])
     return refusal_curves({"model": model_path}, rows, cfg, max_positions)["model"]
 
 

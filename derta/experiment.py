@@ -110,6 +110,7 @@ def experiment_notes(runs: dict, timings: dict) -> str:
     lines = ["Base: tiny Llama pre-trained from random init on helpful rows plus harmful completions; vanilla, "
              "recaug and derta are fine-tuned from it with identical steps, learning rate and helpful data.", "",
              "| model | steps | training rows by kind | train s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {run['steps']} | {run['examples_by_kind']} | {run['seconds']} |" for name, run in runs.items()]
+    lines += [f"| {name} | {run['steps']} | {', '.join(f'{k} {n}' for k, n in run['examples_by_kind'].items())} | "
+              f"{run['seconds']} |" for name, run in runs.items()]
     lines += ["", f"Evaluation {timings['eval_seconds']} s; total wall time {timings['total_seconds']} s."]
     return "\n".join(lines)

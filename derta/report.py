@@ -129,9 +129,10 @@ def _pyplot():
 
 def plot_asr_by_prefix(summary: dict, path: Path) -> bool:
     """ASR (%) vs number of prefilled harmful tokens, one line per model (and prefilling suite)."""
-    lines = [(f"{model}" if len(suites_of(summary)) < 2 else f"{model} / {short(suite)}", metrics["asr_by_prefix"])
-             for model, per_suite in summary.items() for suite, metrics in per_suite.items()
-             if metrics.get("asr_by_prefix")]
+    prefilled = [(model, suite, metrics["asr_by_prefix"]) for model, per_suite in summary.items()
+                 for suite, metrics in per_suite.items() if metrics.get("asr_by_prefix")]
+    several = len({suite for _, suite, _ in prefilled}) > 1
+    lines = [(f"{model} / {short(suite)}" if several else model, by_k) for model, suite, by_k in prefilled]
     if not lines:
         return False
     plt = _pyplot()
@@ -158,8 +159,9 @@ def plot_refusal_curves(curves: dict, path: Path) -> bool:
     for model, curve in curves.items():
         if curve:
             ax.plot(range(len(curve)), curve, label=model)
-    ax.set(xlabel="position in the harmful response (tokens)", ylabel="mean P(refusal token)", ylim=(-0.02, 1.02),
+    ax.set(xlabel="position in the harmful response (tokens)", ylabel="mean P(refusal token)",
            title="Refusal position: P(switch to a refusal)")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
