@@ -160,7 +160,7 @@ def experiment(
     set_: Optional[List[str]] = SetOpt,
 ):
     """The paper's finding at toy scale: base -> vanilla / recaug / derta, then prefilling attacks."""
-    cfg = _config(config, set_)
+    cfg = _config(config or "experiment", set_)
 
     def run():
         from derta.experiment import run_experiment
