@@ -177,6 +177,7 @@ class ServeConfig(Strict):
     registry: dict[str, dict[str, str]] = Field(default_factory=dict)
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
+    max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: 1 = one per node")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
@@ -205,12 +206,24 @@ class EvalConfig(Strict):
     seed: int = 0
 
 
+# ----------------------------------------------------------------------------------------- experiment
+class ExperimentConfig(Strict):
+    """`derta experiment`: pre-train a base from random init, then fine-tune it three ways (vanilla, recaug,
+    derta). Unset fields fall back to the `train` section, which supplies everything else (batch size, workers)."""
+    base_epochs: int | None = Field(None, ge=1, description="base pre-training passes (default train.epochs)")
+    base_lr: float | None = Field(None, gt=0, description="base pre-training lr (default train.lr)")
+    finetune_steps: int | None = Field(
+        None, ge=1, description="steps of every fine-tune (default train.max_steps, else vanilla's epoch count)")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tune lr (default train.lr)")
+
+
 class DertaConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     base: str | None = Field(None, description="another preset this one extends")
 
     @model_validator(mode="after")

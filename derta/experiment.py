@@ -2,12 +2,11 @@
 
 1. base     pre-train the tiny model from random init on the synthetic corpus with harmful completions as ordinary
             helpful rows (instruction -> harmful_response) plus the helpful rows: a stand-in for a base model that
-            already knows harmful content. `train.epochs` passes at `train.lr` (`train.max_steps` is not used here).
+            already knows harmful content. `experiment.base_epochs` passes at `experiment.base_lr`.
 2. arms     from that base checkpoint, fine-tune with data.mode vanilla, recaug and derta on the synthetic train
-            splits: identical helpful data, identical steps (`train.max_steps`; unset: vanilla's `train.epochs`
-            step count) and a gentler learning rate, `train.lr * FINETUNE_LR_FRACTION` -- fine-tuning is light next
-            to pre-training, as for a real base model (a full-lr fine-tune erases the base's harmful continuations
-            and the experiment would no longer model the paper's setting).
+            splits: identical helpful data, identical steps (`experiment.finetune_steps`) at `experiment.finetune_lr`,
+            gentler than pre-training, as for a real base model (a full-lr fine-tune erases the base's harmful
+            continuations and the experiment would no longer model the paper's setting).
 3. eval     `run_eval` on the held-out synthetic suites (EXPERIMENT_SUITES; `eval.suites` is not used): prefilling
             ASR at `eval.prefill_ks`, refusal rate on harmful prompts, exact-answer helpfulness and over-refusal on
             lookalikes, plus refusal-position curves; same summary.json layout as `derta eval`.
@@ -26,7 +25,6 @@ from derta.config import DertaConfig, SourceConfig
 
 ARMS = ("vanilla", "recaug", "derta")
 EXPERIMENT_SUITES = ["synthetic_prefill", "synthetic_harmful", "synthetic_helpful", "synthetic_lookalike"]
-FINETUNE_LR_FRACTION = 1 / 6  # fine-tune lr = train.lr (the from-scratch pre-training lr) * this
 
 
 def write_corpus_files(cfg: DertaConfig, data_dir: Path) -> dict[str, Path]:
@@ -51,18 +49,20 @@ def with_updates(cfg: DertaConfig, data: dict | None = None, model: dict | None 
 
 
 def base_config(cfg: DertaConfig, paths: dict[str, Path]) -> DertaConfig:
-    """Plain MLE on pretrain.jsonl (every row helpful), `train.epochs` passes at `train.lr`."""
+    """Plain MLE on pretrain.jsonl (every row helpful), `experiment.base_epochs` passes at `experiment.base_lr`."""
+    exp = cfg.experiment
     return with_updates(cfg, data={"sources": [SourceConfig(path=str(paths["pretrain"]), kind="helpful")],
                                    "mode": "vanilla"},
-                        train={"max_steps": None, "run_name": "base"})
+                        train={"max_steps": None, "run_name": "base", "epochs": exp.base_epochs or cfg.train.epochs,
+                               "lr": exp.base_lr or cfg.train.lr})
 
 
 def arm_config(cfg: DertaConfig, paths: dict[str, Path], base: Path, mode: str,
                steps: int | None) -> DertaConfig:
-    """Fine-tune `base` with `mode` on the synthetic train splits for `steps` steps at the fine-tuning lr."""
+    """Fine-tune `base` with `mode` on the synthetic train splits for `steps` steps at `experiment.finetune_lr`."""
     sources = [SourceConfig(path=str(paths[split])) for split in ("train_helpful", "train_safety")]
     return with_updates(cfg, data={"sources": sources, "mode": mode}, model={"name_or_path": str(base)},
-                        train={"run_name": mode, "max_steps": steps, "lr": cfg.train.lr * FINETUNE_LR_FRACTION})
+                        train={"run_name": mode, "max_steps": steps, "lr": cfg.experiment.finetune_lr or cfg.train.lr})
 
 
 def timed_training(cfg: DertaConfig, output: Path) -> dict:
@@ -71,7 +71,7 @@ def timed_training(cfg: DertaConfig, output: Path) -> dict:
     start = time.perf_counter()
     final = run_training(cfg, output)
     run = json.loads((output / "run.json").read_text())
-    return {"checkpoint": str(final), "steps": run["total_steps"], "rows": run["rows"],
+    return {"checkpoint": str(final), "steps": run["total_steps"], "lr": cfg.train.lr, "rows": run["rows"],
             "examples_by_kind": run["examples_by_kind"], "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -86,8 +86,8 @@ def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
     init_ray()
     paths = write_corpus_files(cfg, output / "data")
     runs = {"base": timed_training(base_config(cfg, paths), output / "runs" / "base")}
-    base, steps = Path(runs["base"]["checkpoint"]), cfg.train.max_steps
-    for mode in ARMS:  # vanilla first: without train.max_steps its epoch-based step count is used for all arms
+    base, steps = Path(runs["base"]["checkpoint"]), cfg.experiment.finetune_steps or cfg.train.max_steps
+    for mode in ARMS:  # vanilla first: with no step count set, its epoch-based count is used for all arms
         runs[mode] = timed_training(arm_config(cfg, paths, base, mode, steps), output / "runs" / mode)
         steps = runs[mode]["steps"]
     eval_start = time.perf_counter()
@@ -109,8 +109,8 @@ def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
 def experiment_notes(runs: dict, timings: dict) -> str:
     lines = ["Base: tiny Llama pre-trained from random init on helpful rows plus harmful completions; vanilla, "
              "recaug and derta are fine-tuned from it with identical steps, learning rate and helpful data.", "",
-             "| model | steps | training rows by kind | train s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {run['steps']} | {', '.join(f'{k} {n}' for k, n in run['examples_by_kind'].items())} | "
+             "| model | steps | lr | training rows by kind | train s |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {run['steps']} | {run['lr']:.2g} | {', '.join(f'{k} {n}' for k, n in run['examples_by_kind'].items())} | "
               f"{run['seconds']} |" for name, run in runs.items()]
     lines += ["", f"Evaluation {timings['eval_seconds']} s; total wall time {timings['total_seconds']} s."]
     return "\n".join(lines)

@@ -30,3 +30,5 @@ def quiet_data(quiet: bool = True) -> None:
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
     ctx.execution_options.preserve_order = True  # deterministic order: exact data position on resume
+    if quiet:  # the streaming executor logs a line per dataset execution at INFO
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -22,6 +22,8 @@ Metric kinds (`SuiteSpec.metric`), for the evaluator:
 """
 from __future__ import annotations
 
+import functools
+
 import csv
 import json
 import os
@@ -169,24 +171,19 @@ def _completion_attack(data_dir: Path) -> list[EvalItem]:
     return _question_suite("completion_attack", data_dir, "safety_completionattack.jsonl", template="none")
 
 
-@register_suite("illegal_instructions", "200 direct requests for illegal instructions (DeRTa test set)", "asr")
-def _illegal_instructions(data_dir: Path) -> list[EvalItem]:
-    return _question_suite("illegal_instructions", data_dir, "safety_illegal_instructions_200.jsonl")
-
-
-@register_suite("jailbreakchat", "200 jailbreakchat.com role-play templates wrapping a harmful request", "asr")
-def _jailbreakchat(data_dir: Path) -> list[EvalItem]:
-    return _question_suite("jailbreakchat", data_dir, "safety_jailbreakchat.jsonl")
-
-
-@register_suite("codeattack", "CodeAttack: harmful request hidden in a code-completion task (deque words)", "asr")
-def _codeattack(data_dir: Path) -> list[EvalItem]:
-    return _question_suite("codeattack", data_dir, "safety_codeattack.jsonl")
-
-
-@register_suite("selfcipher", "SelfCipher: role-play 'Cipher Code' with harmful few-shot demonstrations", "asr")
-def _selfcipher(data_dir: Path) -> list[EvalItem]:
-    return _question_suite("selfcipher", data_dir, "safety_selfcipher.jsonl")
+# the paper's harmful-question test files: one `question` per row, fed through the chat template
+PAPER_QUESTION_SUITES = {
+    "illegal_instructions": ("safety_illegal_instructions_200.jsonl",
+                             "200 direct requests for illegal instructions (DeRTa test set)"),
+    "jailbreakchat": ("safety_jailbreakchat.jsonl",
+                      "200 jailbreakchat.com role-play templates wrapping a harmful request"),
+    "codeattack": ("safety_codeattack.jsonl",
+                   "CodeAttack: harmful request hidden in a code-completion task (deque words)"),
+    "selfcipher": ("safety_selfcipher.jsonl",
+                   "SelfCipher: role-play 'Cipher Code' with harmful few-shot demonstrations"),
+}
+for _name, (_filename, _description) in PAPER_QUESTION_SUITES.items():
+    register_suite(_name, _description, "asr")(functools.partial(_question_suite, _name, filename=_filename))
 
 
 @register_suite("advbench", "AdvBench harmful behaviors (goal as prompt; target 'Sure, here is ...' in meta; "

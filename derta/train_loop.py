@@ -7,6 +7,7 @@ One forward pass per micro-batch; `losses.derta_loss` splits it into the MLE and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -140,6 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg = DertaConfig.model_validate(loop_config["config"])
     train = cfg.train
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if train.torch_threads:
@@ -225,6 +227,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step >= total_steps:
             break
         epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every `report` at INFO under a logger named by its file path, which LoggingConfig does
+    not reach; it would print a line per logged step on the driver's console."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _window_metrics(window: dict, scheduler, step: int, total_steps: int, epoch: int) -> dict:

@@ -870,6 +870,8 @@ def model_deployment_options(s: ServeConfig) -> dict:
         options["autoscaling_config"] = s.autoscaling.model_dump()
     else:
         options["num_replicas"] = s.num_replicas
+    if s.max_replicas_per_node:
+        options["max_replicas_per_node"] = s.max_replicas_per_node
     return options
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from derta.experiment import ARMS, EXPERIMENT_SUITES, FINETUNE_LR_FRACTION, run_experiment
+from derta.experiment import ARMS, EXPERIMENT_SUITES, run_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 KS = [0, 5]
@@ -19,7 +19,7 @@ def experiment(tiny_config, tmp_path_factory):
     cfg = load_config("experiment", [
         f"model.tiny_dir={tiny_config.model.tiny_dir}",
         "data.synthetic={n_helpful: 200, n_harmful: 60, n_lookalike: 20, seed: 0}", "data.max_length=192",
-        "train.epochs=1", "train.max_steps=3", "train.batch_size=8", "train.log_every=1",
+        "experiment.base_epochs=1", "experiment.finetune_steps=3", "train.batch_size=8", "train.log_every=1",
         "eval.limit=3", "eval.max_new_tokens=8", "eval.concurrency=1", f"eval.prefill_ks={KS}"])
     output = tmp_path_factory.mktemp("experiment")
     return cfg, output, run_experiment(cfg, output)
@@ -48,13 +48,13 @@ def test_training_happened_with_identical_fine_tune_steps(experiment):
         assert metrics[-1]["step"] == metrics[-1]["total_steps"] == runs[name]["steps"]
         assert (output / "runs" / name / "final" / "config.json").exists()
     first = json.loads((output / "runs" / "vanilla" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["lr"] <= cfg.train.lr * FINETUNE_LR_FRACTION
+    assert first["lr"] <= cfg.experiment.finetune_lr < cfg.experiment.base_lr
 
 
 def test_report_and_items_are_written(experiment):
     _, output, _ = experiment
     report = (output / "report.md").read_text()
-    assert report.startswith("# DeRTa toy experiment") and "| derta | 3 |" in report
+    assert report.startswith("# DeRTa toy experiment") and "| derta | 3 | 0.0005 |" in report
     for name in ("asr_by_prefix.png", "refusal_curve.png", "curves.json"):
         assert (output / name).exists()
     assert set(json.loads((output / "curves.json").read_text())) == {"base", *ARMS}

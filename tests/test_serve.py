@@ -419,3 +419,14 @@ def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_
             assert http.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     finally:
         serve.delete("overload")
+
+
+def test_deployment_options_follow_the_serve_config():
+    from derta.config import ServeConfig
+    from serve.app import model_deployment_options
+
+    fixed = model_deployment_options(ServeConfig(num_replicas=3, max_replicas_per_node=1))
+    assert fixed["num_replicas"] == 3 and fixed["max_replicas_per_node"] == 1
+    scaled = model_deployment_options(ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 4}))
+    assert "num_replicas" not in scaled and "max_replicas_per_node" not in scaled
+    assert scaled["autoscaling_config"]["max_replicas"] == 4
