@@ -7,7 +7,8 @@ Both engines run the SAME derta code on the SAME JSONL files (the synthetic corp
 train_helpful + train_safety, mode=derta, tiny-preset tokenizer):
     derta.data._parse_jsonl   -> raw rows (bytes -> {source, line, raw, error})
     derta.data.normalize_batch -> canonical records (pydantic validation)
-    derta.data.tokenize_batch  -> DeRTa examples (helpful / harmful_prefix / rto), one cached Tokenize per process
+    derta.data.tokenize_batch  -> DeRTa examples (helpful / harmful_prefix / rto), one cached Tokenize per process,
+                                  one batched tokenizer call per batch
 Only the engine differs:
   ray_data          derta.data.prepare_examples (read_binary_files -> flat_map -> map_batches x2 -> materialize ->
                     count kinds), with the library defaults (tokenize_concurrency=1, tokenize_batch_size=256)
@@ -108,7 +109,9 @@ def main() -> None:
     try:
         corpus = write_corpus(tmp / "corpus", n_helpful=args.helpful, n_harmful=args.harmful,
                               n_lookalike=args.lookalike)
-        warm = write_corpus(tmp / "warm", n_helpful=300, n_harmful=100, n_lookalike=30)
+        # both warm files exceed one tokenize batch, so Ray Data gets two tokenize inputs and the concurrency=2
+        # warm-up can load the tokenizer into a second worker (a cold worker costs ~3 s); 365 rows gave one input
+        warm = write_corpus(tmp / "warm", n_helpful=1200, n_harmful=800, n_lookalike=100)
         paths = [str(corpus["train_helpful"]), str(corpus["train_safety"])]
         warm_paths = [str(warm["train_helpful"]), str(warm["train_safety"])]
         n_rows = sum(1 for p in paths for line in open(p, encoding="utf-8") if line.strip())

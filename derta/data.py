@@ -3,7 +3,8 @@
     sources (JSONL / Parquet / HF save_to_disk / synthetic)
       -> read_binary_files + flat_map(parse)    one row per source line, with file and line number
       -> map_batches(normalize)                 canonical record, or an `error` naming the field
-      -> map_batches(Tokenize, actor pool)      DeRTa examples (helpful / harmful_prefix / rto), vectorised
+      -> map_batches(tokenize_batch, tasks)     DeRTa examples (helpful / harmful_prefix / rto), one tokenizer
+                                                call per batch, one cached Tokenize per worker process
       -> split: good rows -> Parquet / trainer; bad rows -> quarantine.jsonl; mix sampling per kind
 
 Nothing is dropped silently: malformed rows and rows that lose all loss tokens to truncation are written to the
@@ -21,7 +22,7 @@ import numpy as np
 
 from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig
 from derta.schema import RECORD_COLUMNS, normalize_record
-from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_record, refusal_token_id, unit_hash
+from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_records, refusal_token_id, unit_hash
 
 EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
                    "num_loss_tokens", "prefix_len")
@@ -174,7 +175,7 @@ def synthetic_sources(data: DataConfig, workdir: Path) -> list[SourceConfig]:
 
 # ---------------------------------------------------------------------------------------- tokenizing
 class Tokenize:
-    """Ray Data callable class: canonical records -> DeRTa examples; one tokenizer per actor."""
+    """Canonical records -> DeRTa examples, one batched tokenizer call per batch (cached per worker process)."""
 
     def __init__(self, tokenizer_path: str, data: dict, mode: str):
         from derta.modeling import load_tokenizer
@@ -187,38 +188,47 @@ class Tokenize:
         self.refusal_id = refusal_token_id(self.tokenizer, self.data.refusal_string)
 
     def __call__(self, batch: dict) -> dict:
+        records = [{column: _present(_scalar(batch[column][i])) for column in RECORD_COLUMNS}
+                   for i in range(len(batch["uid"]))]
+        outcomes = iter(self._examples([r for r in records if not r["error"]]))
         out = {column: [] for column in EXAMPLE_COLUMNS + ("reason",)}
-        for i in range(len(batch["uid"])):
-            record = {column: _present(_scalar(batch[column][i])) for column in RECORD_COLUMNS}
-            for row in self._rows(record):
+        for record in records:
+            rows = [_bad_row(record, record["error"])] if record["error"] else self._rows(record, next(outcomes))
+            for row in rows:
                 for column in out:
                     out[column].append(row.get(column))
         return _arrow(out, EXAMPLE_TYPES)
 
-    def _rows(self, record: dict) -> list[dict]:
-        base = {"uid": record["uid"], "source": record["source"], "line": record["line"],
-                "category": record["category"], "input_ids": [], "labels": [], "rto_mask": [], "length": 0,
-                "num_loss_tokens": 0, "prefix_len": 0}
-        if record["error"]:
-            return [dict(base, kind="bad", reason=record["error"])]
-        try:
-            examples = examples_for_record(
-                record, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
-                refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
-                max_length=self.data.max_length, seed=self.data.seed)
-        except Exception as err:  # noqa: BLE001 - a row the tokenizer/template rejects is quarantined
-            return [dict(base, kind="bad", reason=f"cannot tokenize: {type(err).__name__}: {err}")]
+    def _examples(self, records: list[dict]) -> list:
+        return examples_for_records(
+            records, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
+            refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
+            max_length=self.data.max_length, seed=self.data.seed)
+
+    def _rows(self, record: dict, examples: list | Exception) -> list[dict]:
+        if isinstance(examples, Exception):  # a row the tokenizer/template rejects is quarantined
+            return [_bad_row(record, f"cannot tokenize: {type(examples).__name__}: {examples}")]
         rows = []
         for ex in examples:
-            row = dict(base, kind=ex.kind, input_ids=ex.input_ids, labels=ex.labels, rto_mask=ex.rto_mask,
-                       length=len(ex.input_ids), num_loss_tokens=ex.num_loss_tokens, prefix_len=ex.prefix_len,
-                       reason=None)
-            if ex.num_loss_tokens == 0:
+            num_loss_tokens = ex.num_loss_tokens  # a scan over the labels: once per example
+            row = dict(_base_row(record), kind=ex.kind, input_ids=ex.input_ids, labels=ex.labels,
+                       rto_mask=ex.rto_mask, length=len(ex.input_ids), num_loss_tokens=num_loss_tokens,
+                       prefix_len=ex.prefix_len, reason=None)
+            if num_loss_tokens == 0:
                 row.update(kind="no_loss", reason=f"{ex.kind} example has no loss tokens after truncation to "
                                                   f"max_length={self.data.max_length} (prompt is "
                                                   f"{ex.prompt_len} tokens)")
             rows.append(row)
         return rows
+
+
+def _base_row(record: dict) -> dict:
+    return {"uid": record["uid"], "source": record["source"], "line": record["line"], "category": record["category"],
+            "input_ids": [], "labels": [], "rto_mask": [], "length": 0, "num_loss_tokens": 0, "prefix_len": 0}
+
+
+def _bad_row(record: dict, reason: str) -> dict:
+    return dict(_base_row(record), kind="bad", reason=reason)
 
 
 def _scalar(value):
@@ -243,10 +253,13 @@ def tokenize_batch(batch: dict, tokenizer_path: str, data_json: str, mode: str):
 
 
 def tokenize(records, tokenizer_path: str, data: DataConfig, mode: str):
+    import ray
+
     return records.map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_path": tokenizer_path, "data_json": data.model_dump_json(),
                                    "mode": mode},
-        batch_size=data.tokenize_batch_size, concurrency=data.tokenize_concurrency, num_cpus=1)
+        batch_size=data.tokenize_batch_size, compute=ray.data.TaskPoolStrategy(size=data.tokenize_concurrency),
+        num_cpus=1)
 
 
 # ------------------------------------------------------------------------------------------- mixing

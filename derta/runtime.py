@@ -14,8 +14,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
+    # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
     kwargs = dict(logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True,
-                  include_dashboard=False)
+                  include_dashboard=True, dashboard_host="127.0.0.1")
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -153,38 +153,121 @@ class PromptRenderer:
         messages.append({"role": "user", "content": instruction})
         return self.render_messages(messages)
 
-    def encode_prompt(self, text: str) -> list[int]:
+    @property
+    def prompt_special_tokens(self) -> bool:
         # chat templates carry their own BOS; plain templates get the tokenizer's usual special tokens
-        return self.tokenizer.encode(text, add_special_tokens=not self.use_chat)
+        return not self.use_chat
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=self.prompt_special_tokens)
 
 
 # ------------------------------------------------------------------------------------- row -> examples
+# One record -> examples in three steps, so many records can share one tokenizer call (examples_for_records):
+#   record_texts (render the prompt, pick the refusal) -> encode_texts / encode_many -> examples_from_ids
+@dataclass
+class RecordTexts:
+    """The strings one record tokenizes: its rendered prompt and its response segments (no special tokens)."""
+    prompt: str
+    prompt_special_tokens: bool
+    segments: dict[str, str]
+
+
+@dataclass
+class RecordIds:
+    prompt: list[int]
+    segments: dict[str, list[int]]
+
+
+def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: list[str], seed: int) -> RecordTexts:
+    kind = record["kind"]
+    if kind == "rendered":
+        return RecordTexts(record["prompt_text"], True, {"target": record["target_text"]})
+    if kind == "chat":
+        messages = json.loads(record["messages"])
+        return RecordTexts(renderer.render_messages(messages[:-1]), renderer.prompt_special_tokens,
+                           {"response": messages[-1]["content"]})
+    prompt = renderer.render(record["instruction"], record.get("system"))
+    if kind == "helpful":
+        return RecordTexts(prompt, renderer.prompt_special_tokens, {"response": record["response"]})
+    safe = record.get("safe_response") or refusal_templates[
+        int(row_rng(seed, record["uid"], "template").integers(len(refusal_templates)))]
+    return RecordTexts(prompt, renderer.prompt_special_tokens, {"harmful": record["harmful_response"], "safe": safe})
+
+
+def encode_texts(tokenizer, texts: RecordTexts) -> RecordIds:
+    segments = {name: tokenizer.encode(text, add_special_tokens=False) for name, text in texts.segments.items()}
+    return RecordIds(tokenizer.encode(texts.prompt, add_special_tokens=texts.prompt_special_tokens), segments)
+
+
+def encode_many(tokenizer, many: list[RecordTexts]) -> list[RecordIds]:
+    """encode_texts for every record, with one batched tokenizer call per special-tokens setting."""
+    flat = [(t.prompt, t.prompt_special_tokens) for t in many]
+    flat += [(text, False) for t in many for text in t.segments.values()]
+    ids = {flag: iter(_encode_batch(tokenizer, [text for text, f in flat if f == flag], flag)) for flag in (True, False)}
+    prompts = [next(ids[t.prompt_special_tokens]) for t in many]
+    return [RecordIds(prompt, {name: next(ids[False]) for name in t.segments}) for prompt, t in zip(prompts, many)]
+
+
+def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
+
+
+def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, refusal_id: int, k0_fraction: float,
+                      max_length: int, seed: int) -> list[Example]:
+    kind, prompt = record["kind"], ids.prompt
+    if kind == "rendered":
+        target = ids.segments["target"]
+        if record["target_harmful"]:
+            return [rto_example(prompt, target, refusal_id, max_length)] if mode == "derta" else []
+        return [helpful_example(prompt, target, eos_id, max_length)]
+    if kind in ("chat", "helpful"):
+        return [helpful_example(prompt, ids.segments["response"], eos_id, max_length)]
+    harmful, safe = ids.segments["harmful"], ids.segments["safe"]
+    k = 0 if mode == "vanilla" else sample_prefix_len(len(harmful), k0_fraction, row_rng(seed, record["uid"], "k"))
+    examples = [harmful_prefix_example(prompt, harmful, safe, k, eos_id, max_length)]
+    if mode == "derta":
+        examples.append(rto_example(prompt, harmful, refusal_id, max_length))
+    return examples
+
+
 def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                         refusal_templates: list[str], k0_fraction: float, max_length: int,
                         seed: int) -> list[Example]:
     """All training examples one canonical record yields under `mode` (see MODE_KINDS)."""
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    eos = tokenizer.eos_token_id
-    kind, uid = record["kind"], record["uid"]
-    if kind == "rendered":
-        prompt = renderer.tokenizer.encode(record["prompt_text"], add_special_tokens=True)
-        target = encode(record["target_text"])
-        if record["target_harmful"]:
-            return [rto_example(prompt, target, refusal_id, max_length)] if mode == "derta" else []
-        return [helpful_example(prompt, target, eos, max_length)]
-    if kind == "chat":
-        messages = json.loads(record["messages"])
-        prompt = renderer.encode_prompt(renderer.render_messages(messages[:-1]))
-        return [helpful_example(prompt, encode(messages[-1]["content"]), eos, max_length)]
-    prompt = renderer.encode_prompt(renderer.render(record["instruction"], record.get("system")))
-    if kind == "helpful":
-        return [helpful_example(prompt, encode(record["response"]), eos, max_length)]
-    harmful = encode(record["harmful_response"])
-    safe_text = record.get("safe_response") or refusal_templates[
-        int(row_rng(seed, uid, "template").integers(len(refusal_templates)))]
-    safe = encode(safe_text)
-    k = 0 if mode == "vanilla" else sample_prefix_len(len(harmful), k0_fraction, row_rng(seed, uid, "k"))
-    examples = [harmful_prefix_example(prompt, harmful, safe, k, eos, max_length)]
-    if mode == "derta":
-        examples.append(rto_example(prompt, harmful, refusal_id, max_length))
-    return examples
+    texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed)
+    return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=tokenizer.eos_token_id, mode=mode,
+                             refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed)
+
+
+def examples_for_records(records: list[dict], tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
+                         refusal_templates: list[str], k0_fraction: float, max_length: int,
+                         seed: int) -> list[list[Example] | Exception]:
+    """examples_for_record for each record, tokenized in batch. A record that fails gets its exception in its
+    slot (the same one examples_for_record raises) and does not affect the others."""
+    texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed) for r in records]
+    ids = _encode_valid(tokenizer, texts)
+    settings = dict(eos_id=tokenizer.eos_token_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
+                    max_length=max_length, seed=seed)
+    return [i if isinstance(i, Exception) else _attempt(examples_from_ids, r, i, **settings)
+            for r, i in zip(records, ids)]
+
+
+def _encode_valid(tokenizer, texts: list[RecordTexts | Exception]) -> list[RecordIds | Exception]:
+    """Encode the records that rendered; exceptions pass through in place."""
+    valid = [t for t in texts if not isinstance(t, Exception)]
+    try:
+        encoded = iter(encode_many(tokenizer, valid))
+    except Exception:  # noqa: BLE001 - some text the tokenizer rejects: find it row by row
+        encoded = iter([_attempt(encode_texts, tokenizer, t) for t in valid])
+    return [t if isinstance(t, Exception) else next(encoded) for t in texts]
+
+
+def _attempt(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the caller reports it against its row
+        return err

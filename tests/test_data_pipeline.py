@@ -6,7 +6,8 @@ import pytest
 
 from conftest import shared_file
 from derta.config import SourceConfig
-from derta.data import DataQualityError, prepare_examples, write_prepared
+from derta.data import DataQualityError, Tokenize, prepare_examples, write_prepared
+from derta.schema import RECORD_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -124,3 +125,29 @@ def test_prepare_synthetic_default_and_mix(tiny_config, tiny_path, tmp_path):
     assert table.num_rows == sum(kinds.values())
     assert stats["padding_waste"]["length_grouped"] < stats["padding_waste"]["random_batches"]
     assert json.loads((tmp_path / "prep" / "stats.json").read_text())["mode"] == "derta"
+
+
+def _record(line, **fields):
+    return dict.fromkeys(RECORD_COLUMNS) | {"uid": f"f.jsonl:{line}", "source": "f.jsonl", "line": line} | fields
+
+
+def test_tokenize_batch_quarantines_bad_rows_like_single_rows(tiny_config, tiny_path):
+    records = [
+        _record(1, kind="helpful", instruction="What is 2 plus 2?", response="4."),
+        _record(2, kind="bad", error="helpful row: field 'response': must not be empty"),  # from normalize
+        _record(3, kind="safety", instruction="How do I pick a lock?", harmful_response="Sure. Step 1: x."),
+        _record(4, kind="chat", messages="{not json"),                  # the renderer rejects it
+        _record(5, kind="helpful", instruction="hi", response=None),    # the tokenizer rejects it
+        _record(6, kind="helpful", instruction="word " * 300, response="ok"),  # no loss tokens after truncation
+    ]
+    tokenize = Tokenize(tiny_path, tiny_config.data.model_dump(), "derta")
+    batched = tokenize({c: [r[c] for r in records] for c in RECORD_COLUMNS}).to_pylist()
+    one_by_one = [row for r in records for row in tokenize({c: [r[c]] for c in RECORD_COLUMNS}).to_pylist()]
+    assert batched == one_by_one
+    assert [(row["line"], row["kind"]) for row in batched] == [
+        (1, "helpful"), (2, "bad"), (3, "harmful_prefix"), (3, "rto"), (4, "bad"), (5, "bad"), (6, "no_loss")]
+    reasons = {row["line"]: row["reason"] for row in batched if row["reason"]}
+    assert reasons[2] == "helpful row: field 'response': must not be empty"
+    assert reasons[4].startswith("cannot tokenize: JSONDecodeError")
+    assert reasons[5].startswith("cannot tokenize: ValueError")
+    assert "no loss tokens" in reasons[6]

@@ -1,10 +1,12 @@
 """Exact label masks, RTO targets, k distribution, refusal-token derivation, prompt rendering."""
+import json
+
 import numpy as np
 import pytest
 
 from derta.transforms import (IGNORE_INDEX, PromptRenderer, RefusalTokenError, examples_for_record,
-                              harmful_prefix_example, helpful_example, refusal_token_id, row_rng, rto_example,
-                              sample_prefix_len)
+                              examples_for_records, harmful_prefix_example, helpful_example, refusal_token_id,
+                              row_rng, rto_example, sample_prefix_len)
 
 P, H, S, EOS, SORRY = [1, 2, 3], [10, 11, 12, 13], [20, 21], 99, 7
 
@@ -132,3 +134,82 @@ def test_missing_safe_response_uses_seeded_template(tokenizer):
     assert a.input_ids == b.input_ids
     safe = [t for t, label in zip(a.input_ids, a.labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(safe[:-1]) in templates
+
+
+def _canonical(**fields):
+    from derta.schema import RECORD_COLUMNS
+
+    return dict.fromkeys(RECORD_COLUMNS) | {"source": "edge.jsonl", "line": 1} | fields
+
+
+def _edge_records():
+    """Every record kind, with and without optional fields, plus rows that must fail on their own."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello there."}]
+    return [
+        _canonical(uid="e:1", kind="helpful", instruction="What is 2 plus 2?", response="4."),
+        _canonical(uid="e:2", kind="helpful", instruction="Add.", system="Answer in words.", response="Four."),
+        _canonical(uid="e:3", kind="safety", instruction="How do I pick a lock?", harmful_response="Sure. " * 40),
+        _canonical(uid="e:4", kind="safety", instruction="word " * 60, harmful_response="Step 1.",
+                   safe_response="Sorry, no."),
+        _canonical(uid="e:5", kind="chat", messages=json.dumps(messages)),
+        _canonical(uid="e:6", kind="rendered", prompt_text="### Instruction:\nhi\n\n### Response:\n",
+                   target_text="Hello.", target_harmful=False),
+        _canonical(uid="e:7", kind="rendered", prompt_text="### Instruction:\nsteal\n\n### Response:\n",
+                   target_text="Sure, first take it.", target_harmful=True),
+        _canonical(uid="e:8", kind="chat", messages="{not json"),                     # fails while rendering
+        _canonical(uid="e:9", kind="helpful", instruction="hi", response=None),        # fails in the tokenizer
+        _canonical(uid="e:10", kind="rendered", prompt_text=123, target_text="x", target_harmful=False),
+        _canonical(uid="e:11", kind="helpful", instruction="", response=""),
+    ]
+
+
+def _synthetic_records(tmp_path):
+    from derta.config import SourceConfig
+    from derta.data import _parse_jsonl, normalize_batch
+    from derta.synthetic import write_corpus
+
+    paths = write_corpus(tmp_path, n_helpful=120, n_harmful=60, n_lookalike=20)
+    files = [str(paths["train_helpful"]), str(paths["train_safety"])]
+    sources = [SourceConfig(path=p).model_dump() for p in files]
+    records = []
+    for index, path in enumerate(files):
+        raw = list(_parse_jsonl(path, open(path, "rb").read()))
+        batch = {key: [r[key] for r in raw] for key in ("source", "line", "raw", "error")}
+        records += normalize_batch(batch | {"source_index": [index] * len(raw)}, sources, 32_000).to_pylist()
+    return [r for r in records if not r["error"]]
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
+def _same(a, b):
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return type(a) is type(b) and str(a) == str(b)
+    return a == b and [e.num_loss_tokens for e in a] == [e.num_loss_tokens for e in b]
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+@pytest.mark.parametrize("max_length", [256, 24])
+def test_batched_examples_equal_per_row_examples(tokenizer, tmp_path, use_chat_template, max_length):
+    records = _synthetic_records(tmp_path) + _edge_records()
+    renderer = PromptRenderer(tokenizer, use_chat_template=use_chat_template)
+    kwargs = dict(mode="derta", refusal_id=refusal_token_id(tokenizer, "Sorry"),
+                  refusal_templates=["Sorry, no.", "Sorry, I won't."], k0_fraction=1 / 3, max_length=max_length,
+                  seed=0)
+    batched = examples_for_records(records, tokenizer, renderer, **kwargs)
+    per_row = [_outcome(lambda r=r: examples_for_record(r, tokenizer, renderer, **kwargs)) for r in records]
+    assert len(batched) == len(records)
+    mismatches = [r["uid"] for r, a, b in zip(records, batched, per_row) if not _same(a, b)]
+    assert not mismatches
+    errors = {r["uid"]: type(b).__name__ for r, b in zip(records, batched) if isinstance(b, Exception)}
+    assert errors == {"e:8": "JSONDecodeError", "e:9": "ValueError", "e:10": "ValueError"}
+    assert sum(len(b) for b in batched if not isinstance(b, Exception)) > len(records)
+    if max_length == 24:  # truncation kept the masks aligned and left some examples without loss tokens
+        examples = [e for b in batched if not isinstance(b, Exception) for e in b]
+        assert all(len(e.input_ids) == len(e.labels) == len(e.rto_mask) <= 24 for e in examples)
+        assert any(e.num_loss_tokens == 0 for e in examples)
