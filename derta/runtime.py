@@ -9,6 +9,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     """Connect to RAY_ADDRESS / `address` if given, else start a local instance with `num_cpus`."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if quiet:  # inherited by a local instance's workers: no "Loading weights" bar per model load
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import ray
 
     if ray.is_initialized():
