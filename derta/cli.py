@@ -40,7 +40,7 @@ def _guard(fn):
 
     try:
         return fn()
-    except (ConfigError, DataQualityError, RefusalTokenError, FileNotFoundError, TrainingFailed) as err:
+    except (ConfigError, DataQualityError, RefusalTokenError, FileNotFoundError, TrainingFailed, ValueError) as err:
         _fail(str(err))
 
 
@@ -137,19 +137,25 @@ def judge(
 
     if not input_.exists():
         _fail(f"input file not found: {input_}")
-    written = 0
-    with input_.open(encoding="utf-8", errors="replace") as src, output.open("w") as dst:
+    rows = []  # judged in full before the output is written: --output may be the input file
+    with input_.open(encoding="utf-8", errors="replace") as src:
         for number, line in enumerate(src, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                verdict = judge_completion(str(row["prompt"]), str(row["completion"]), str(row.get("prefix") or ""))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                _fail(f"{input_}:{number}: need a JSON object with 'prompt' and 'completion' ({err})")
+                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+                    raise TypeError("'prompt' and 'completion' must be strings")
+                verdict = judge_completion(row["prompt"], row["completion"], str(row.get("prefix") or ""))
+            except (json.JSONDecodeError, AttributeError, TypeError) as err:
+                _fail(f"{input_}:{number}: need a JSON object with string 'prompt' and 'completion' ({err})")
             row.update(refused=verdict.refused, attack_success=verdict.attack_success, reason=verdict.reason)
-            dst.write(json.dumps(row) + "\n")
-            written += 1
+            rows.append(row)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    partial.replace(output)
+    written = len(rows)
     typer.echo(f"judged {written} rows -> {output}")
 
 

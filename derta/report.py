@@ -28,12 +28,12 @@ def percent(value) -> str:
 
 
 def flatten(metrics: dict) -> dict[str, float | None]:
-    """{metric: value} with the by-prefix dicts expanded to `ASR k=<k>` / `refusal k=<k>`; counts (`n`) dropped."""
+    """{metric: value} with the by-prefix dicts expanded to `ASR k=<k>` / `refusal k=<k>`; counts dropped."""
     flat = {}
     for key, value in metrics.items():
         if key in BY_PREFIX:
             flat.update({f"{BY_PREFIX[key]} k={k}": v for k, v in value.items()})
-        elif key != "n":
+        elif key not in ("n", "n_by_prefix"):
             flat[key] = value
     return flat
 
@@ -107,6 +107,9 @@ def suite_table(summary: dict, suite: str) -> str:
     metrics = list(dict.fromkeys(key for m in models for key in flat[m]))
     rows = [[metric] + [percent(flat[m].get(metric)) for m in models] for metric in metrics]
     rows.append(["n"] + [str(summary[m][suite].get("n", "-")) for m in models])
+    if any("n_by_prefix" in summary[m][suite] for m in models):
+        rows.append(["n per k"] + [" / ".join(map(str, summary[m][suite].get("n_by_prefix", {}).values()))
+                                   for m in models])
     return markdown_table(["metric"] + models, rows)
 
 
@@ -138,8 +141,8 @@ def plot_asr_by_prefix(summary: dict, path: Path) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, by_k in lines:
-        ks = sorted(by_k, key=int)
-        ax.plot([int(k) for k in ks], [100 * (by_k[k] or 0) for k in ks], marker="o", label=label)
+        ks = sorted((k for k in by_k if by_k[k] is not None), key=int)  # None: no judged item at that k
+        ax.plot([int(k) for k in ks], [100 * by_k[k] for k in ks], marker="o", label=label)
     ax.set(xlabel="prefilled harmful tokens k", ylabel="attack success rate (%)", ylim=(-2, 102),
            title="Prefilling attack: ASR vs prefill length")
     ax.grid(alpha=0.3)

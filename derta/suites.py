@@ -18,7 +18,7 @@ Metric kinds (`SuiteSpec.metric`), for the evaluator:
 - "gsm8k_accuracy": `extract_gsm8k_answer(output) == reference`;
 - "mmlu_accuracy": `extract_mmlu_choice(output) == reference`;
 - "open_ended": helpfulness prompts without a reference (AlpacaEval; compare outputs with a judge model);
-- "exact_answer": synthetic helpful rows with a short `answer`, checked as a substring of the output.
+- "exact_answer": synthetic helpful rows with a short `answer`, equal to the answer the output states ("The answer is X").
 """
 from __future__ import annotations
 
