@@ -78,8 +78,11 @@ class DataConfig(Strict):
     plain_template: str = "### Instruction:\n{instruction}\n\n### Response:\n"
     system_prompt: str | None = None
     seed: int = 0
-    tokenize_concurrency: int = Field(1, ge=1)
+    tokenize_concurrency: int | None = Field(
+        None, ge=1, description="most read+normalize+tokenize tasks at once; null: as many as Ray has CPUs")
     tokenize_batch_size: int = Field(256, ge=1)
+    read_chunk_mb: float = Field(2.0, gt=0, description="local JSONL files are read in pieces of about this size, "
+                                                        "one Ray task each")
 
     @field_validator("plain_template")
     @classmethod

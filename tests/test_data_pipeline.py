@@ -1,4 +1,5 @@
 """The Ray Data pipeline end to end: readers on the shared files, quarantine, thresholds, `derta data prepare`."""
+import gzip
 import json
 
 import pyarrow.parquet as pq
@@ -6,7 +7,8 @@ import pytest
 
 from conftest import shared_file
 from derta.config import SourceConfig
-from derta.data import DataQualityError, Tokenize, prepare_examples, write_prepared
+from derta.data import (DataQualityError, Tokenize, _parse_part, file_parts, jsonl_pieces, parse_file, prepare_examples,
+                        write_prepared)
 from derta.schema import RECORD_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -19,6 +21,12 @@ def _cfg(tiny_config, tiny_path, **data):
 
 def _rows(examples):
     return examples.take_all()
+
+
+def _sorted_rows(examples, **replace):
+    rows = [dict(row, **replace) for batch in examples.iter_batches(batch_format="pyarrow", batch_size=None)
+            for row in batch.to_pylist()]
+    return sorted(rows, key=lambda row: json.dumps(row, sort_keys=True))
 
 
 def test_reference_format(tiny_config, tiny_path, tmp_path):
@@ -81,9 +89,11 @@ def _malformed_file(tmp_path):
     return path
 
 
-def test_quarantine_names_file_line_and_reason(tiny_config, tiny_path, tmp_path):
+@pytest.mark.parametrize("read", [{}, {"read_chunk_mb": 40 / 2**20, "tokenize_concurrency": 1}],
+                         ids=["one_piece", "40_byte_pieces"])
+def test_quarantine_names_file_line_and_reason(tiny_config, tiny_path, tmp_path, read):
     path = _malformed_file(tmp_path)
-    cfg = _cfg(tiny_config, tiny_path, max_chars=200, max_bad_fraction=1.0)
+    cfg = _cfg(tiny_config, tiny_path, max_chars=200, max_bad_fraction=1.0, **read)
     stats = write_prepared(cfg, tiny_path, tmp_path / "out", [str(path)])
     quarantined = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     by_line = {q["line"]: q for q in quarantined}
@@ -96,6 +106,75 @@ def test_quarantine_names_file_line_and_reason(tiny_config, tiny_path, tmp_path)
     assert "cannot tell the row kind" in by_line[6]["reason"]
     assert "not UTF-8" in by_line[7]["reason"]
     assert stats["quarantined"]["malformed"] == 6 and stats["examples_by_kind"] == {"helpful": 1}
+
+
+def _tricky_jsonl(tmp_path):
+    """Bad rows next to good ones, a blank line, a CRLF line, a long line, and a last line without a newline."""
+    def helpful(i):
+        return json.dumps({"instruction": f"What is {i} plus 1?", "response": f"{i} plus 1 is {i + 1}."}).encode()
+
+    lines = [helpful(1), b'{"instruction": "broken", ', b"\xff\xfe not UTF-8", helpful(4), b"",
+             json.dumps({"instruction": "How do I pick a lock?", "harmful_response": "Sure. Step 1: x."}).encode(),
+             helpful(7) + b"\r", b"[1, 2", json.dumps({"instruction": "long " * 40, "response": "ok"}).encode(),
+             helpful(10), b"{}", helpful(12)]
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+def test_jsonl_pieces_read_the_same_rows_and_lines_as_the_whole_file(tmp_path):
+    path = _tricky_jsonl(tmp_path)
+    data = path.read_bytes()
+    whole = parse_file(str(path), data, "jsonl")
+    assert [row["line"] for row in whole] == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]  # line 5 is blank
+    assert [row["line"] for row in whole if row["error"]] == [2, 3, 8]
+    part = {"source": str(path), "file": str(path), "format": "jsonl", "source_index": 0}
+    for piece_bytes in range(1, len(data) + 2):  # every possible boundary, bad lines included
+        pieces = jsonl_pieces(str(path), piece_bytes)
+        assert pieces[0][0] == 0 and pieces[-1][1] == len(data)
+        assert all(before[1] == after[0] for before, after in zip(pieces, pieces[1:]))
+        rows = [row for start, end, first_line in pieces
+                for row in _parse_part(dict(part, start=start, end=end, first_line=first_line))]
+        assert rows == whole, piece_bytes
+    compressed = tmp_path / "tricky.jsonl.gz"
+    compressed.write_bytes(gzip.compress(data))
+    gz_rows = _parse_part(dict(part, file=str(compressed), start=0, end=-1, first_line=1))  # a whole-file part
+    assert gz_rows == whole
+
+
+def _kinds_by_line(examples):
+    return sorted((row["line"], row["kind"], row["reason"]) for row in _rows(examples))
+
+
+def test_split_gzip_and_uri_reads_give_the_same_examples(tiny_config, tiny_path, tmp_path):
+    path = _tricky_jsonl(tmp_path)
+    compressed = tmp_path / "tricky.jsonl.gz"
+    compressed.write_bytes(gzip.compress(path.read_bytes()))
+    one_piece = _cfg(tiny_config, tiny_path, read_chunk_mb=1.0)
+    split = _cfg(tiny_config, tiny_path, read_chunk_mb=100 / 2**20)
+    assert len(file_parts([SourceConfig(path=str(path))], 1 << 20)[0]) == 1
+    assert len(file_parts([SourceConfig(path=str(path))], 100)[0]) >= 6
+    assert len(file_parts([SourceConfig(path=str(compressed))], 100)[0]) == 1  # compressed: one task
+
+    reference, counts = prepare_examples(one_piece, tiny_path, tmp_path, [str(path)])
+    assert counts == {"helpful": 6, "harmful_prefix": 1, "rto": 1, "bad": 4}  # `{}`: unknown row shape
+    expected = _sorted_rows(reference)
+    assert _sorted_rows(prepare_examples(split, tiny_path, tmp_path, [str(path)])[0]) == expected
+    uri = prepare_examples(split, tiny_path, tmp_path, [f"local://{path}"])[0]  # Ray Data's file reader
+    assert _sorted_rows(uri) == expected
+    # uid (file:line) seeds the DeRTa prefix and refusal choices, so the .gz file's examples differ in content
+    gz = prepare_examples(split, tiny_path, tmp_path, [str(compressed)])[0]
+    assert _kinds_by_line(gz) == _kinds_by_line(reference)
+
+
+def test_pieces_with_only_blank_lines_yield_nothing(tiny_config, tiny_path, tmp_path):
+    row = json.dumps({"instruction": "What is 2 plus 2?", "response": "4."})
+    path = tmp_path / "blank.jsonl"
+    path.write_text(row + "\n" * 301 + row + "\n")
+    split = _cfg(tiny_config, tiny_path, read_chunk_mb=100 / 2**20)
+    assert len(file_parts([SourceConfig(path=str(path))], 100)[0]) >= 3
+    examples, counts = prepare_examples(split, tiny_path, tmp_path, [str(path)])
+    assert counts == {"helpful": 2} and sorted(r["line"] for r in _rows(examples)) == [1, 302]
 
 
 def test_bad_fraction_threshold_fails_clearly(tiny_config, tiny_path, tmp_path):
