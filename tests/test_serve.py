@@ -122,7 +122,7 @@ def test_build_args_are_validated():
 
 
 def test_row_decoder_stop_strings_and_holdback(tokenizer):
-    from serve.app import GenerationJob, RowDecoder
+    from serve.engine import GenerationJob, RowDecoder
 
     ids = tokenizer.encode("the cake is ready now", add_special_tokens=False)
     row = RowDecoder(tokenizer, GenerationJob([1], max_new_tokens=50, stop=["is ready now"]), eos_ids={-1})
@@ -423,7 +423,7 @@ def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_
 
 def test_deployment_options_follow_the_serve_config():
     from derta.config import ServeConfig
-    from serve.app import model_deployment_options
+    from serve.deployment import model_deployment_options
 
     fixed = model_deployment_options(ServeConfig(num_replicas=3, max_replicas_per_node=1))
     assert fixed["num_replicas"] == 3 and fixed["max_replicas_per_node"] == 1

@@ -1,0 +1,188 @@
+"""The Ray Serve model deployment: one `Engine` per replica, dynamic batching with `@serve.batch`.
+
+`DertaModel` is the only Ray-aware layer around the engine: it loads the model before the replica takes traffic,
+groups concurrent requests into one batched `generate`, streams per-step events back through the handle, and
+returns client errors as `Rejection` values (never raised, so they are not logged as replica failures).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+from ray import serve
+
+from derta.config import DertaConfig, ServeConfig
+from serve.engine import Engine, GenerationJob
+from serve.protocol import Rejection, ServeError
+
+FINAL_FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size")
+
+
+# ============================================================================================ model sources
+def model_sources(cfg: DertaConfig, model: str | None = None) -> dict[str, dict[str, str | None]]:
+    """Served name -> {path, adapter}: the default model plus every `serve.registry` entry."""
+    default = {"path": absolute_if_local(model or cfg.model.name_or_path),
+               "adapter": absolute_if_local(cfg.model.adapter)}
+    sources = {cfg.serve.model_name: default}
+    for name, entry in cfg.serve.registry.items():
+        if "path" not in entry:
+            raise ValueError(f"serve.registry.{name}: needs a 'path' (and optionally an 'adapter')")
+        sources[name] = {"path": absolute_if_local(entry["path"]), "adapter": absolute_if_local(entry.get("adapter"))}
+    return sources
+
+
+def absolute_if_local(path: str | None) -> str | None:
+    """Replicas may run in another working directory: pin existing relative paths to this one."""
+    if path is None or path == "tiny":
+        return path
+    local = Path(os.path.expanduser(path))
+    return str(local.resolve()) if local.exists() else path
+
+
+def resolve_source(cfg: DertaConfig, source: dict) -> str:
+    from derta.modeling import resolve_model_path
+
+    model_cfg = cfg.model.model_copy(update={"name_or_path": source["path"]})
+    return resolve_model_path(model_cfg, cfg.data.synthetic, cfg.data.refusal_string)
+
+
+def model_deployment_options(s: ServeConfig) -> dict:
+    options = {"ray_actor_options": dict(s.ray_actor_options), "max_ongoing_requests": s.max_ongoing_requests,
+               "max_queued_requests": s.max_queued_requests}
+    if s.autoscaling:
+        options["autoscaling_config"] = s.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = s.num_replicas
+    if s.max_replicas_per_node:
+        options["max_replicas_per_node"] = s.max_replicas_per_node
+    return options
+
+
+def deployment_name(served_name: str, default_name: str) -> str:
+    if served_name == default_name:
+        return "DertaModel"
+    return "DertaModel_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in served_name)
+
+
+# ============================================================================================ deployment
+@serve.deployment
+class DertaModel:
+    """One model per replica, loaded before the replica takes traffic."""
+
+    async def __init__(self, config: dict, name: str, source: dict):
+        import torch
+
+        self.cfg = DertaConfig.model_validate(config)
+        self.name = name
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # resolve_source fails the deployment early on a bad path
+        self.engine = Engine(self.cfg, name, resolve_source(self.cfg, source), source.get("adapter"), device)
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        self._init_metrics()
+        # Serve routes traffic to a replica once __init__ returns: load first, so a new or restarted replica
+        # (node loss, autoscale-up) never answers "still loading"; a load error fails the replica
+        await asyncio.to_thread(self._load)
+        self.check_health()
+
+    def _init_metrics(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.probe_latency = Histogram("derta_probe_latency_ms", description="/probe model time (ms)",
+                                       boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000])
+        self.batch_sizes = Histogram("derta_generate_batch_size", description="requests per generate batch",
+                                     boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.generated_tokens = Counter("derta_generated_tokens", description="completion tokens generated")
+
+    def _load(self) -> None:
+        try:
+            self.engine.load()
+        except BaseException as err:  # reported by check_health, /ready and every request
+            self.load_error = err
+        finally:
+            self.loaded.set()
+
+    def check_health(self) -> None:
+        if self.load_error is not None:
+            raise RuntimeError(f"model {self.engine.path} failed to load: {self.load_error!r}")
+
+    def ready(self) -> bool:
+        return self.loaded.is_set() and self.load_error is None
+
+    def _require_model(self) -> None:
+        if not self.ready():
+            reason = f"failed to load: {self.load_error!r}" if self.load_error else "is still loading"
+            raise ServeError(503, f"model {self.name!r} {reason}")
+
+    def info(self) -> dict:
+        return self.engine.info() | {"ready": self.ready()}
+
+    # ------------------------------------------------------------------------------------ generation
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
+        """Serve groups concurrent calls into `jobs`; yields one event per job per decoding step."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        emit = lambda item: loop.call_soon_threadsafe(steps.put_nowait, item)  # noqa: E731
+        self.batch_sizes.observe(len(jobs))
+
+        def work():
+            try:
+                self.engine.generate(jobs, emit)
+            except Exception as err:
+                emit(err)
+            finally:
+                emit(None)
+
+        worker = loop.run_in_executor(None, work)
+        while (events := await steps.get()) is not None:
+            if isinstance(events, Exception):
+                raise events
+            yield [StopIteration if event is None else dict(event, batch_size=len(jobs)) for event in events]
+        await worker
+
+    async def generate(self, request: dict) -> dict | Rejection:
+        events = [event async for event in self.generate_stream(request)]
+        if isinstance(events[0], Rejection):
+            return events[0]
+        return {key: value for key, value in events[-1].items() if key != "type"}
+
+    async def generate_stream(self, request: dict) -> AsyncIterator[dict | Rejection]:
+        """A "start" event (or a Rejection), {"type": "delta", "text"} events, then one "final" event."""
+        try:
+            self._require_model()
+            job = self.engine.job(request)
+        except ServeError as err:
+            yield err.rejection()
+            return
+        yield {"type": "start", "prompt_tokens": len(job.prompt_ids)}  # validation passed: HTTP 200 from here
+        async for event in self._generate_batch(job):  # consumed to the end: Serve settles every step future
+            if event["delta"]:
+                yield {"type": "delta", "text": event["delta"]}
+            if event.get("final"):
+                self.generated_tokens.inc(event["completion_tokens"])
+                yield {"type": "final", "model": self.name} | {key: event[key] for key in FINAL_FIELDS}
+
+    # ------------------------------------------------------------------------------------ probe
+    async def probe(self, request: dict) -> dict | Rejection:
+        try:
+            return await self._probe(request)
+        except ServeError as err:
+            return err.rejection()
+
+    async def _probe(self, request: dict) -> dict:
+        self._require_model()
+        prompt_ids, response_ids, verify, threshold = self.engine.probe_inputs(request)
+        started = time.perf_counter()
+        result = await asyncio.to_thread(self.engine.probe, prompt_ids, response_ids, threshold)
+        self.probe_latency.observe((time.perf_counter() - started) * 1000)
+        out = self.engine.probe_report(result, response_ids, threshold) | {"prompt_tokens": len(prompt_ids)}
+        if verify:
+            out["verify"] = await asyncio.to_thread(self.engine.verify, prompt_ids, response_ids, *verify)
+        return out
