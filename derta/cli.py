@@ -191,6 +191,33 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
     _guard(run)
 
 
+cluster_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests for a preset (docs/cluster.md).")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("render")
+def cluster_render(
+    config: str = typer.Option(..., "--config", "-c", help="preset name or YAML file"),
+    output_dir: Path = typer.Option(Path("cluster"), "--output-dir", "-o", help="where the manifests go"),
+    image: Optional[str] = typer.Option(None, "--image", help="image built from ./Dockerfile (default derta:VERSION-rayX.Y.Z)"),
+    storage: str = typer.Option("derta-shared", "--storage", help="ReadWriteMany PVC mounted at /mnt/shared"),
+    model: Optional[str] = typer.Option(None, "--model", help="model to serve/evaluate (default <train output>/final)"),
+    gpus_per_pod: int = typer.Option(8, "--gpus-per-pod", min=1, help="GPUs per training worker pod (one node)"),
+    memory_per_gpu: int = typer.Option(64, "--memory-per-gpu", min=1, help="GiB of pod memory per GPU"),
+    code_url: Optional[str] = typer.Option(None, "--code-url", help="development: zip URL of the code (runtime env)"),
+):
+    """Write RayJobs (prepare, train, eval), a RayService and an autoscaling RayCluster for a preset."""
+    from derta.cluster_render import RenderError, RenderOptions, write
+
+    opts = RenderOptions(preset=config, image=image, storage=storage, model=model, gpus_per_pod=gpus_per_pod,
+                         memory_per_gpu_gi=memory_per_gpu, code_url=code_url)
+    try:
+        for path in write(opts, output_dir):
+            typer.echo(f"wrote {path}")
+    except (RenderError, ConfigError) as err:
+        _fail(str(err))
+
+
 def main() -> None:  # pragma: no cover
     app()
 
