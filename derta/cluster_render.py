@@ -197,9 +197,8 @@ def _train_workers(cfg: DertaConfig, opts: RenderOptions) -> list[dict]:
     if not total:  # CPU-only preset (tiny): one CPU pod with a core per Ray Train worker plus room for Ray Data
         cpus = max(4, 2 * cfg.train.num_workers)
         return [_workers(opts, "cpu", 0, cpus, 4 * cpus, 1, 1, 1)]
-    per_pod = min(opts.gpus_per_pod, total)
-    if total % per_pod:
-        raise RenderError(f"train needs {total} GPUs, not a multiple of --gpus-per-pod {per_pod}")
+    # Equal pods of at most --gpus-per-pod GPUs: 12 GPUs on 8-GPU nodes -> 2 pods of 6.
+    per_pod = max(d for d in range(1, min(opts.gpus_per_pod, total) + 1) if total % d == 0)
     pods = total // per_pod
     cpus, mem = _gpu_pod(opts, per_pod)
     # Fixed size (min = max = replicas): the job's placement group is known up front.

@@ -346,6 +346,32 @@ def test_ray_is_pinned_once_and_every_image_follows_the_pin():
     assert launcher in (cluster_render.ray_base_image(), default_image())
 
 
+def test_dockerfile_builds_what_the_manifests_run():
+    """The image's smoke test imports what the manifests name; those modules and the preset exist here."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    smoke = re.search(r'^RUN python -c "(import [^"]+)"$', dockerfile, re.M).group(1)
+    modules = re.findall(r"import ([\w.]+(?:, [\w.]+)*)", smoke)[0].split(", ")
+    for module in modules:
+        base = REPO.joinpath(*module.split("."))
+        assert base.with_suffix(".py").is_file() or (base / "__init__.py").is_file(), f"{module} missing"
+    entrypoints = {shlex.split(d["spec"]["entrypoint"])[2] for d in _checked_in().values() if d["kind"] == "RayJob"}
+    assert {"jobs.prepare", "jobs.train", "jobs.eval"} <= entrypoints
+    assert "jobs.train" in modules and "serve.app" in modules
+    for preset in re.findall(r"load_config\('([\w.-]+)'\)", smoke):
+        assert resolve_preset(preset).is_file()
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored, "keep the build context small"
+
+
+def test_render_splits_gpus_into_equal_pods():
+    from derta.config import DertaConfig
+
+    cfg = DertaConfig.model_validate({"train": {"num_workers": 12, "use_gpu": True}})
+    (group,) = cluster_render._train_workers(cfg, RenderOptions(preset="x", image="i"))
+    assert (group["replicas"], group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) \
+        == (2, "6")
+
+
 def test_torch_is_the_same_build_in_the_image_and_on_launcher_nodes():
     args = dict(re.findall(r"^ARG (\w+)=(\S*)$", (REPO / "Dockerfile").read_text(), re.M))
     setup = " ".join(yaml.safe_load((REPO / "ray_config.yaml").read_text())["setup_commands"])
