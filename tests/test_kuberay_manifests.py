@@ -308,7 +308,9 @@ def test_names_unique_per_namespace_including_derived_services():
     docs = _checked_in()
     names = [d["metadata"]["name"] for d in docs.values()]
     assert len(names) == len(set(names)), f"metadata.name collides: {names}"
-    derived = []  # what KubeRay creates from each name (utils.GenerateHeadServiceName / serve service / K8s Job)
+    # What KubeRay creates from each name (utils.GenerateHeadServiceName, GenerateServeServiceName; newer operators
+    # also give a RayJob a `<rayjob>-head-svc`, older ones `<rayjob>-<suffix>-head-svc`).
+    derived = []
     for d in docs.values():
         name = d["metadata"]["name"]
         derived.append(f"{name}-head-svc")
