@@ -16,6 +16,8 @@ ARG RAY_VERSION
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 
+# Created as the image's user (ray), not by WORKDIR (root-owned), so the editable install can write its metadata.
+RUN mkdir -p /home/ray/derta
 WORKDIR /home/ray/derta
 # Dependencies in their own layer: only a pyproject.toml change rebuilds it. Empty package dirs let the editable
 # install resolve before the code is copied.
