@@ -157,9 +157,13 @@ def runtime_env(opts: RenderOptions) -> dict | None:
     """None for the image path; the development runtime env for `code_url` (no `$`, see the module docstring)."""
     if not opts.code_url:
         return None
-    if "$" in opts.code_url or "`" in opts.code_url or "://" not in opts.code_url:
-        raise RenderError(f"--code-url {opts.code_url!r}: need a remote zip URL (https://, s3://, gs://) without $ or `")
-    return {"working_dir": opts.code_url, "pip": {"packages": [f"derta @ {opts.code_url}"], "pip_check": False}}
+    url = opts.code_url
+    if "$" in url or "`" in url or not re.match(r"(https?|s3|gs)://\S+\.zip$", url):
+        raise RenderError(f"--code-url {url!r}: need a .zip URL (https://, s3://, gs://) without $ or `")
+    env: dict[str, Any] = {"working_dir": url}
+    if url.startswith(("http://", "https://")):  # pip installs from http(s) archives; s3/gs code runs from working_dir
+        env["pip"] = {"packages": [f"derta @ {url}"], "pip_check": False}
+    return env
 
 
 def _rayjob(name: str, component: str, entrypoint: str, opts: RenderOptions, workers: list[dict],

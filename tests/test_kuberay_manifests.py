@@ -288,8 +288,13 @@ def test_development_runtime_env_survives_the_submitter_shell():
     assert env["working_dir"] == CODE_URL
     assert not install_spec_problems(env) and env["pip"]["packages"]
     RuntimeEnv(**env)  # Ray's own validation of working_dir URI and pip spec
-    with pytest.raises(ValueError):
-        render(RenderOptions(preset=CHECKED_IN_PRESET, code_url="https://x/${TAG}.zip"))
+    s3 = render(RenderOptions(preset=CHECKED_IN_PRESET, code_url="s3://bucket/derta/abc.zip"))["rayjob-train.yaml"]
+    s3_env, _ = runtime_env_after_bash(s3)
+    assert s3_env == {"working_dir": "s3://bucket/derta/abc.zip"}  # pip can't fetch s3://; the code runs from there
+    RuntimeEnv(**s3_env)
+    for bad in ("https://x/${TAG}.zip", "https://x/`id`.zip", "https://x/derta.tar.gz", "./derta.zip"):
+        with pytest.raises(ValueError):
+            render(RenderOptions(preset=CHECKED_IN_PRESET, code_url=bad))
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
