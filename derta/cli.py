@@ -76,11 +76,18 @@ def train(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default train.output_dir)"),
     config: Optional[str] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="check config, tokenizer, refusal/probe strings, end of "
+                                                          "turn, BOS and lengths; print the report; no training"),
 ):
     """DeRTa fine-tuning with Ray Train; writes checkpoints, OUTPUT/final and OUTPUT/metrics.jsonl."""
     cfg = _config(config, set_)
 
     def run():
+        if dry_run:
+            from derta.preflight import run_preflight
+
+            typer.echo(json.dumps(run_preflight(cfg), indent=2))
+            return
         from derta.trainer import run_training
 
         final = run_training(cfg, output)

@@ -134,7 +134,9 @@ def render_prompt_ids(renderer, tokenizer, prompt: str, prefix: str, raw: bool =
     `raw` (completion attacks: the text is the start of the assistant's answer, meta["template"] == "none")."""
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
     if raw:
-        return tokenizer.encode(prompt, add_special_tokens=True), prefix_ids
+        from derta.tokens import encode_prompt_text
+
+        return encode_prompt_text(tokenizer, prompt), prefix_ids
     return renderer.encode_prompt(renderer.render(prompt)), prefix_ids
 
 
@@ -164,6 +166,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     tokens."""
     import torch
 
+    from derta.tokens import stop_token_ids
+
     context = getattr(model.config, "max_position_embeddings", None)
     if context:
         prompts = [p[-(context - max_new_tokens):] for p in prompts]
@@ -173,7 +177,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=pad,
+                             eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     return out[:, width:].tolist()
 
 
@@ -247,7 +252,9 @@ class EndpointGenerator:
         return response.json()["choices"][0]["text"]
 
     def __call__(self, batch: dict) -> dict:
-        texts = [(p if raw else self.renderer.render(p)) + x
+        from derta.tokens import text_for_server
+
+        texts = [text_for_server(self.renderer.tokenizer, (p if raw else self.renderer.render(p)) + x)
                  for p, x, raw in zip(batch["prompt"], batch["prefix"], batch["raw"])]
         with ThreadPoolExecutor(self.parallel_requests) as pool:
             completions = list(pool.map(self.complete, texts))
@@ -568,7 +575,12 @@ def run_eval(cfg: DertaConfig, models: list[str], suites: list[str] | None = Non
     init_ray()
     judge = make_judge(cfg.eval)
     summary, curves = {}, {}
-    for model in parse_model_specs(models):
+    specs = parse_model_specs(models)
+    from derta.preflight import check_tokens, load_run_tokenizer
+
+    for model in specs:  # a bad refusal/probe string is a config error before any model loads
+        check_tokens(cfg, load_run_tokenizer(cfg, tokenizer_path(cfg, model)))
+    for model in specs:
         summary[model.name], curves[model.name] = evaluate_model(cfg, model, suites, judge, output)
     summary, curves = rounded(summary), rounded(curves)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -18,15 +18,11 @@ def preflight(cfg: DertaConfig) -> str:
     """Fail before any worker starts: model path, refusal token, GPUs, batch fit. Returns the model path."""
     import ray
 
-    from derta.modeling import load_tokenizer, resolve_model_path
-    from derta.transforms import refusal_token_id
+    from derta.modeling import resolve_model_path
+    from derta.preflight import check_tokens, load_run_tokenizer
 
     model_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
-    try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its tokenizer ({err})") from None
-    refusal_token_id(tokenizer, cfg.data.refusal_string)
+    check_tokens(cfg, load_run_tokenizer(cfg, model_path))
     train = cfg.train
     if train.use_gpu:
         available = ray.cluster_resources().get("GPU", 0)
@@ -96,6 +92,10 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(directory, final, ignore=shutil.ignore_patterns(STATE_FILE))
+    from derta.modeling import load_tokenizer
+    from derta.tokens import write_generation_config
+
+    write_generation_config(final, load_tokenizer(str(final)))  # eos list: eos + the template's end of turn
     (output / "run.json").write_text(json.dumps({"final": str(final), "total_steps": total_steps,
                                                  "rows": num_rows, "examples_by_kind": counts}, indent=2))
     return final

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from derta.tokens import encode_prompt_text, end_of_turn_id, text_for_server, with_one_bos
+
 IGNORE_INDEX = -100
 HELPFUL, HARMFUL_PREFIX, RTO = "helpful", "harmful_prefix", "rto"
 KINDS = (HELPFUL, HARMFUL_PREFIX, RTO)
@@ -158,8 +160,14 @@ class PromptRenderer:
         # chat templates carry their own BOS; plain templates get the tokenizer's usual special tokens
         return not self.use_chat
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that ends a response under this renderer (derta.tokens.end_of_turn_id)."""
+        return end_of_turn_id(self.tokenizer, self.use_chat)
+
     def encode_prompt(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=self.prompt_special_tokens)
+        """Exactly one BOS where the tokenizer has one, whether or not the rendered text already carries it."""
+        return encode_prompt_text(self.tokenizer, text)
 
 
 # ------------------------------------------------------------------------------------- row -> examples
@@ -197,16 +205,16 @@ def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: l
 
 def encode_texts(tokenizer, texts: RecordTexts) -> RecordIds:
     segments = {name: tokenizer.encode(text, add_special_tokens=False) for name, text in texts.segments.items()}
-    return RecordIds(tokenizer.encode(texts.prompt, add_special_tokens=texts.prompt_special_tokens), segments)
+    return RecordIds(encode_prompt_text(tokenizer, texts.prompt), segments)
 
 
 def encode_many(tokenizer, many: list[RecordTexts]) -> list[RecordIds]:
-    """encode_texts for every record, with one batched tokenizer call per special-tokens setting."""
-    flat = [(t.prompt, t.prompt_special_tokens) for t in many]
-    flat += [(text, False) for t in many for text in t.segments.values()]
-    ids = {flag: iter(_encode_batch(tokenizer, [text for text, f in flat if f == flag], flag)) for flag in (True, False)}
-    prompts = [next(ids[t.prompt_special_tokens]) for t in many]
-    return [RecordIds(prompt, {name: next(ids[False]) for name in t.segments}) for prompt, t in zip(prompts, many)]
+    """encode_texts for every record, with one batched tokenizer call. Prompts get exactly one BOS where the
+    tokenizer has one (a template that writes the BOS text and a tokenizer that adds one must not give two)."""
+    flat = [text_for_server(tokenizer, t.prompt) for t in many] + [text for t in many for text in t.segments.values()]
+    ids = iter(_encode_batch(tokenizer, flat, False))
+    prompts = [with_one_bos(tokenizer, next(ids)) for _ in many]
+    return [RecordIds(prompt, {name: next(ids) for name in t.segments}) for prompt, t in zip(prompts, many)]
 
 
 def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -239,7 +247,7 @@ def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mo
                         seed: int) -> list[Example]:
     """All training examples one canonical record yields under `mode` (see MODE_KINDS)."""
     texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed)
-    return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=tokenizer.eos_token_id, mode=mode,
+    return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=renderer.end_of_turn_id, mode=mode,
                              refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed)
 
 
@@ -250,7 +258,7 @@ def examples_for_records(records: list[dict], tokenizer, renderer: PromptRendere
     slot (the same one examples_for_record raises) and does not affect the others."""
     texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed) for r in records]
     ids = _encode_valid(tokenizer, texts)
-    settings = dict(eos_id=tokenizer.eos_token_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
+    settings = dict(eos_id=renderer.end_of_turn_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
                     max_length=max_length, seed=seed)
     return [i if isinstance(i, Exception) else _attempt(examples_from_ids, r, i, **settings)
             for r, i in zip(records, ids)]

@@ -35,9 +35,23 @@ def bind_app(cfg: DertaConfig, model: str | None = None):
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key": api_key})})
     config = cfg.model_dump(mode="json")
     options = model_deployment_options(cfg.serve)
+    sources = model_sources(cfg, model)
+    check_served_tokens(cfg, sources)
     handles = {name: DertaModel.options(name=deployment_name(name, cfg.serve.model_name), **options)
-               .bind(config, name, source) for name, source in model_sources(cfg, model).items()}
+               .bind(config, name, source) for name, source in sources.items()}
     return DertaIngress.options(**ingress_deployment_options(cfg.serve)).bind(handles, config)
+
+
+def check_served_tokens(cfg: DertaConfig, sources: dict) -> None:
+    """Refusal/probe strings against each served model's tokenizer, on the driver: a bad string is a ConfigError
+    naming the field here, not a replica that never becomes healthy."""
+    from derta.preflight import check_tokens, load_run_tokenizer
+    from serve.deployment import resolve_source
+    from serve.engine import tokenizer_source
+
+    for source in sources.values():
+        path = resolve_source(cfg, source)
+        check_tokens(cfg, load_run_tokenizer(cfg, tokenizer_source(cfg, path, source.get("adapter"))))
 
 
 def build_app(args: dict):

@@ -147,9 +147,10 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: str):
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    return {i for i in ids + [tokenizer.eos_token_id] if i is not None}
+    """generation_config.json's eos list + the tokenizer's eos + the chat template's end-of-turn token."""
+    from derta.tokens import stop_token_ids
+
+    return set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
 
 
 def run_generate(model, tokenizer, jobs: list[GenerationJob],
@@ -221,7 +222,7 @@ class Engine:
         self.check_chars("".join(texts + [m["content"] for m in request.get("messages") or []]), "prompt")
         try:
             if request.get("raw_prompt") is not None:
-                ids = self.tokenizer.encode(request["raw_prompt"], add_special_tokens=True)
+                ids = self.renderer.encode_prompt(request["raw_prompt"])  # one BOS; the text is not templated
             elif request.get("messages") is not None:
                 ids = self.renderer.encode_prompt(self.renderer.render_messages(request["messages"]))
             else:
