@@ -171,9 +171,12 @@ def experiment(
     output: Path = typer.Option(Path("runs/experiment"), "--output", "-o"),
     config: Optional[str] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1,
+                                        help="repetitions, mean + 95% interval (default experiment.seeds = 3; "
+                                             "1 = quick mode)"),
 ):
     """The paper's finding at toy scale: base -> vanilla / recaug / derta, then prefilling attacks."""
-    cfg = _config(config or "experiment", set_)
+    cfg = _config(config or "experiment", list(set_ or []) + ([f"experiment.seeds={seeds}"] if seeds else []))
 
     def run():
         from derta.experiment import run_experiment

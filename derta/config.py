@@ -207,6 +207,10 @@ class EvalConfig(Strict):
     judge_model: str | None = None
     judge_classifier: str | None = None
     seed: int = 0
+    heldout_split: Literal["all", "dev", "test"] = Field(
+        "all", description="synthetic held-out suites: all rows, or the dev (tuning) / test (reporting) half")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per generator (fixed: same numbers "
+                                                              "on any machine)")
 
 
 # ----------------------------------------------------------------------------------------- experiment
@@ -218,6 +222,10 @@ class ExperimentConfig(Strict):
     finetune_steps: int | None = Field(
         None, ge=1, description="steps of every fine-tune (default train.max_steps, else vanilla's epoch count)")
     finetune_lr: float | None = Field(None, gt=0, description="fine-tune lr (default train.lr)")
+    seeds: int = Field(3, ge=1, description="independent repetitions (model init, data order); mean + 95% interval")
+    first_seed: int = Field(0, ge=0, description="seed of the first repetition (train.seed, model.tiny.seed)")
+    shared_base: bool = Field(True, description="pre-train the base once (first seed) and fine-tune it per seed, "
+                                                "as the paper does; false: a base per seed")
 
 
 class DertaConfig(Strict):

@@ -11,9 +11,25 @@
             ASR at `eval.prefill_ks`, refusal rate on harmful prompts, exact-answer helpfulness and over-refusal on
             lookalikes, plus refusal-position curves; same summary.json layout as `derta eval`.
 
-Output: DIR/runs/<arm>/ (training runs; <arm>/final is the HF checkpoint), DIR/data/ (corpus JSONL),
-DIR/summary.json, DIR/curves.json, DIR/items/, DIR/report.md + PNGs, DIR/experiment.json (steps, timings).
-The preset is `configs/experiment.yaml`.
+Seeds: the three fine-tunes and their evaluation run once per seed (`experiment.seeds`, default 3, from
+`experiment.first_seed`); a seed sets train.seed and data.seed (order, prefix lengths) and model.tiny.seed. With
+`experiment.shared_base` (the preset) the base is pre-trained once, with the first seed, as the paper fine-tunes
+one pre-trained model; otherwise every seed pre-trains its own base from its own init. The corpus and the evaluation items are the same for every seed. Evaluation uses the held-out half
+`eval.heldout_split`: "test" (the preset) for reported numbers, "dev" for tuning and variants.
+
+Output:
+    DIR/data/                          corpus JSONL (training splits, pretrain.jsonl), shared by all seeds
+    DIR/base/{run,eval}/               the shared base: training run (run/final = HF checkpoint), evaluation
+    DIR/seeds/seed-<s>/                one seed: runs/<model>/ (training; final = HF checkpoint), eval/<model>/
+                                       (a `derta eval` output dir), summary.json, curves.json
+    DIR/summary.json                   the mean over seeds, `derta eval` shape (asr_by_prefix, refusal_by_prefix,
+                                       degenerate_by_prefix per k; see derta.coherence for the three outcomes)
+    DIR/intervals.json                 the same shape, [low, high] 95% t interval over seeds (null for one seed)
+    DIR/items/<model>/<suite>.jsonl    every seed's items, with a `seed` field
+    DIR/curves.json, DIR/report.md + PNGs, DIR/experiment.json (config, steps, timings per seed)
+A finished training run whose config is unchanged is reused (`experiment_run.json`), and so is an evaluation
+whose model and evaluation config are unchanged (`experiment_eval.json`): variants that change only the
+fine-tunes or the evaluation do not pre-train or re-evaluate what did not change. The preset is `configs/experiment.yaml`.
 """
 from __future__ import annotations
 
@@ -24,7 +40,8 @@ from pathlib import Path
 from derta.config import DertaConfig, SourceConfig
 
 ARMS = ("vanilla", "recaug", "derta")
-EXPERIMENT_SUITES = ["synthetic_prefill", "synthetic_harmful", "synthetic_helpful", "synthetic_lookalike"]
+EXPERIMENT_SUITES = ["synthetic_prefill", "synthetic_harmful", "synthetic_helpful", "synthetic_lookalike",
+                     "synthetic_benign_prefill"]
 
 
 def write_corpus_files(cfg: DertaConfig, data_dir: Path) -> dict[str, Path]:
@@ -42,10 +59,17 @@ def write_corpus_files(cfg: DertaConfig, data_dir: Path) -> dict[str, Path]:
 
 
 def with_updates(cfg: DertaConfig, data: dict | None = None, model: dict | None = None,
-                 train: dict | None = None) -> DertaConfig:
+                 train: dict | None = None, eval: dict | None = None) -> DertaConfig:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=data or {}),
                                   "model": cfg.model.model_copy(update=model or {}),
-                                  "train": cfg.train.model_copy(update=train or {})})
+                                  "train": cfg.train.model_copy(update=train or {}),
+                                  "eval": cfg.eval.model_copy(update=eval or {})})
+
+
+def seeded(cfg: DertaConfig, seed: int) -> DertaConfig:
+    """The config of one repetition: model init, training order and prefix sampling from `seed`."""
+    return with_updates(cfg, data={"seed": seed}, model={"tiny": cfg.model.tiny.model_copy(update={"seed": seed})},
+                        train={"seed": seed}, eval={"seed": seed})
 
 
 def base_config(cfg: DertaConfig, paths: dict[str, Path]) -> DertaConfig:
@@ -65,19 +89,84 @@ def arm_config(cfg: DertaConfig, paths: dict[str, Path], base: Path, mode: str,
                         train={"run_name": mode, "max_steps": steps, "lr": cfg.experiment.finetune_lr or cfg.train.lr})
 
 
+def training_key(cfg: DertaConfig) -> dict:
+    """What determines a training run: not the eval / experiment sections (a tuning run on the dev split and the
+    reported run on the test split share their trainings), not RTO settings without RTO examples, not the
+    prefix-length distribution in vanilla (always k = 0)."""
+    key = cfg.model_dump(mode="json", exclude={"eval", "experiment"})
+    if cfg.data.mode != "derta":
+        key["train"].pop("rto_weight", None)
+        key["train"].pop("rto_keep_fraction", None)
+        key["data"].pop("rto_keep_fraction", None)
+        key["data"]["mix"].pop("rto", None)
+    if cfg.data.mode == "vanilla":
+        key["data"].pop("k0_fraction", None)
+    return key
+
+
 def timed_training(cfg: DertaConfig, output: Path) -> dict:
+    """Train (or reuse a finished run of the identical config in `output`); returns the run's record."""
     from derta.trainer import run_training
 
+    record_file, config = output / "experiment_run.json", training_key(cfg)
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        if record.get("config") == config and Path(record["checkpoint"]).exists():
+            return {**record["run"], "config_key": config, "reused": True}
     start = time.perf_counter()
     final = run_training(cfg, output)
     run = json.loads((output / "run.json").read_text())
-    return {"checkpoint": str(final), "steps": run["total_steps"], "lr": cfg.train.lr, "rows": run["rows"],
-            "examples_by_kind": run["examples_by_kind"], "seconds": round(time.perf_counter() - start, 1)}
+    result = {"checkpoint": str(final), "steps": run["total_steps"], "lr": cfg.train.lr, "rows": run["rows"],
+              "examples_by_kind": run["examples_by_kind"], "seconds": round(time.perf_counter() - start, 1)}
+    record_file.write_text(json.dumps({"config": config, "checkpoint": str(final), "run": result}, indent=2))
+    return {**result, "config_key": config}
+
+
+def evaluate(cfg: DertaConfig, name: str, run: dict, output: Path) -> tuple[dict, list]:
+    """({suite: metrics}, refusal curve) of one trained model, evaluated into `output` (a `derta eval` dir), or
+    reused from there when the model's training config and the evaluation config are unchanged."""
+    from derta.evaluation import run_eval
+
+    key_file = output / "experiment_eval.json"
+    key = {"model": name, "training": run["config_key"], "eval": cfg.eval.model_dump(mode="json"),
+           "synthetic": cfg.data.synthetic.model_dump(mode="json")}
+    if key_file.exists() and json.loads(key_file.read_text()) == key and (output / "summary.json").exists():
+        return (json.loads((output / "summary.json").read_text())[name],
+                json.loads((output / "curves.json").read_text())[name])
+    summary = run_eval(cfg, [f"{name}={run['checkpoint']}"], EXPERIMENT_SUITES, output)
+    key_file.write_text(json.dumps(key, indent=2))
+    return summary[name], json.loads((output / "curves.json").read_text())[name]
+
+
+def run_seed(cfg: DertaConfig, paths: dict[str, Path], output: Path, base: dict | None) -> dict:
+    """One repetition: the base (unless `base` = the shared one's record), the three fine-tunes, evaluation.
+    `output`/runs/<model>/ holds the training runs, `output`/eval/<model>/ the evaluations."""
+    start = time.perf_counter()
+    runs = {"base": base or timed_training(base_config(cfg, paths), output / "runs" / "base")}
+    steps = cfg.experiment.finetune_steps or cfg.train.max_steps
+    for mode in ARMS:  # vanilla first: with no step count set, its epoch-based count is used for all arms
+        runs[mode] = timed_training(arm_config(cfg, paths, Path(runs["base"]["checkpoint"]), mode, steps),
+                                    output / "runs" / mode)
+        steps = runs[mode]["steps"]
+    eval_start = time.perf_counter()
+    summary, curves = {}, {}
+    for name, run in runs.items():
+        summary[name], curves[name] = evaluate(cfg, name, run, Path(run.get("eval_dir") or output / "eval" / name))
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "curves.json").write_text(json.dumps(curves))
+    timings = {"train_seconds": {name: run["seconds"] for name, run in runs.items() if name in ARMS or not base},
+               "eval_seconds": round(time.perf_counter() - eval_start, 1),
+               "total_seconds": round(time.perf_counter() - start, 1)}
+    return {"summary": summary, "curves": curves, "runs": runs, **timings}
+
+
+def seeds_of(cfg: DertaConfig) -> list[int]:
+    return list(range(cfg.experiment.first_seed, cfg.experiment.first_seed + cfg.experiment.seeds))
 
 
 def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
-    """Train base + vanilla / recaug / derta, evaluate all four, write the report; returns the summary."""
-    from derta.evaluation import run_eval
+    """Every seed of (base +) vanilla / recaug / derta, evaluated; writes the mean, intervals and the report."""
+    from derta.aggregate import interval_summary, mean_curves, mean_summary
     from derta.report import compact_table, write_report
     from derta.runtime import init_ray
 
@@ -85,32 +174,67 @@ def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
     output = Path(output)
     init_ray()
     paths = write_corpus_files(cfg, output / "data")
-    runs = {"base": timed_training(base_config(cfg, paths), output / "runs" / "base")}
-    base, steps = Path(runs["base"]["checkpoint"]), cfg.experiment.finetune_steps or cfg.train.max_steps
-    for mode in ARMS:  # vanilla first: with no step count set, its epoch-based count is used for all arms
-        runs[mode] = timed_training(arm_config(cfg, paths, base, mode, steps), output / "runs" / mode)
-        steps = runs[mode]["steps"]
-    eval_start = time.perf_counter()
-    models = [f"{name}={run['checkpoint']}" for name, run in runs.items()]
-    summary = run_eval(cfg, models, EXPERIMENT_SUITES, output)
-    timings = {"train_seconds": {name: run["seconds"] for name, run in runs.items()},
-               "eval_seconds": round(time.perf_counter() - eval_start, 1),
-               "total_seconds": round(time.perf_counter() - start, 1)}
-    (output / "experiment.json").write_text(json.dumps({"runs": runs, **timings}, indent=2))
-    curves = json.loads((output / "curves.json").read_text())
+    base = None
+    if cfg.experiment.shared_base:  # one base model, as the paper fine-tunes one pre-trained model per seed
+        base_cfg = seeded(cfg, cfg.experiment.first_seed)
+        base = timed_training(base_config(base_cfg, paths), output / "base" / "run")
+        base["eval_dir"] = str(output / "base" / "eval")
+    per_seed = {}
+    for seed in seeds_of(cfg):
+        print(f"[derta] experiment seed {seed} ({len(per_seed) + 1}/{cfg.experiment.seeds})", flush=True)
+        per_seed[seed] = run_seed(seeded(cfg, seed), paths, output / "seeds" / f"seed-{seed}", base)
+    summaries = [run["summary"] for run in per_seed.values()]
+    summary, intervals = mean_summary(summaries), interval_summary(summaries)
+    curves = mean_curves([run["curves"] for run in per_seed.values()])
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "intervals.json").write_text(json.dumps(intervals, indent=2))
+    (output / "curves.json").write_text(json.dumps(curves))
+    merge_items(output, {seed: run["runs"] for seed, run in per_seed.items()})
+    record = {"seeds": list(per_seed), "heldout_split": cfg.eval.heldout_split,
+              "shared_base": cfg.experiment.shared_base, "total_seconds": round(time.perf_counter() - start, 1),
+              "per_seed": {str(s): {**{k: v for k, v in run.items() if k not in ("summary", "curves", "runs")},
+                                    "runs": {name: {k: v for k, v in r.items() if k != "config_key"}
+                                             for name, r in run["runs"].items()}}
+                           for s, run in per_seed.items()},
+              "config": cfg.model_dump(mode="json")}
+    (output / "experiment.json").write_text(json.dumps(record, indent=2))
     write_report(summary, curves, output, title="DeRTa toy experiment: refusal position bias",
-                 notes=[experiment_notes(runs, timings)])
+                 notes=[experiment_notes(record)], intervals=intervals)
     print("\n" + compact_table(summary))
-    print(f"\nwall time {timings['total_seconds']:.0f} s (training {sum(timings['train_seconds'].values()):.0f} s, "
-          f"evaluation {timings['eval_seconds']:.0f} s); report: {output / 'report.md'}", flush=True)
+    seconds = [run["total_seconds"] for run in per_seed.values()]
+    print(f"\n{len(per_seed)} seed(s) on the {cfg.eval.heldout_split} split; wall time {record['total_seconds']:.0f} s "
+          f"(per seed {', '.join(f'{s:.0f}' for s in seconds)} s); report: {output / 'report.md'}", flush=True)
     return summary
 
 
-def experiment_notes(runs: dict, timings: dict) -> str:
-    lines = ["Base: tiny Llama pre-trained from random init on helpful rows plus harmful completions; vanilla, "
-             "recaug and derta are fine-tuned from it with identical steps, learning rate and helpful data.", "",
-             "| model | steps | lr | training rows by kind | train s |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {run['steps']} | {run['lr']:.2g} | {', '.join(f'{k} {n}' for k, n in run['examples_by_kind'].items())} | "
-              f"{run['seconds']} |" for name, run in runs.items()]
-    lines += ["", f"Evaluation {timings['eval_seconds']} s; total wall time {timings['total_seconds']} s."]
+def merge_items(output: Path, runs_by_seed: dict[int, dict]) -> None:
+    """DIR/items/<model>/<suite>.jsonl: every seed's rows, each with its `seed` (a shared base's rows once)."""
+    merged: dict[Path, list[str]] = {}
+    for seed, runs in runs_by_seed.items():
+        for name, run in runs.items():
+            if run.get("eval_dir") and seed != min(runs_by_seed):
+                continue  # the shared base was evaluated once
+            items = Path(run.get("eval_dir") or output / "seeds" / f"seed-{seed}" / "eval" / name) / "items" / name
+            for path in sorted(items.glob("*.jsonl")):
+                merged.setdefault(path.relative_to(items.parent), []).extend(
+                    json.dumps({"seed": seed, **json.loads(line)}) for line in path.read_text().splitlines())
+    for relative, lines in merged.items():
+        target = output / "items" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(line + "\n" for line in lines))
+
+
+def experiment_notes(record: dict) -> str:
+    lines = [f"Seeds {record['seeds']}; evaluated on the `{record['heldout_split']}` half of the held-out synthetic "
+             "data. Base: tiny Llama pre-trained from random init on helpful rows plus harmful completions; vanilla, "
+             "recaug and derta are fine-tuned from it with identical steps, learning rate and helpful data. Cells are "
+             "the mean over seeds with the 95% t interval in brackets.", "",
+             "| seed | model | steps | lr | training rows by kind | train s |", "|---|---|---|---|---|---|"]
+    for seed, run in record["per_seed"].items():
+        lines += [f"| {seed} | {name} | {r['steps']} | {r['lr']:.2g} | "
+                  f"{', '.join(f'{k} {n}' for k, n in r['examples_by_kind'].items())} | "
+                  f"{r['seconds']}{' (reused)' if r.get('reused') else ''} |" for name, r in run["runs"].items()]
+    lines += ["", "Wall time per seed (s): " + ", ".join(f"seed {s}: {run['total_seconds']} (evaluation "
+                                                       f"{run['eval_seconds']})" for s, run in record["per_seed"].items())
+              + f"; total {record['total_seconds']} s."]
     return "\n".join(lines)

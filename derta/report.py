@@ -9,13 +9,14 @@ per-suite tables show every metric with the models side by side. Plots: ASR vs p
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CURVE_POSITIONS = (0, 5, 10, 20, 40)
 # metric key -> column label in the overview; asr_by_prefix expands to one column per k
 HEADLINE = {"asr": "ASR", "refusal_rate_unsafe": "refusal (unsafe)", "accuracy": "accuracy",
             "over_refusal_rate": "over-refusal", "refusal_rate_safe": "over-refusal"}
-BY_PREFIX = {"asr_by_prefix": "ASR", "refusal_by_prefix": "refusal"}
+BY_PREFIX = {"asr_by_prefix": "ASR", "refusal_by_prefix": "refusal", "degenerate_by_prefix": "degenerate"}
 ASR_PLOT, CURVE_PLOT = "asr_by_prefix.png", "refusal_curve.png"
 
 
@@ -25,6 +26,13 @@ def short(suite: str) -> str:
 
 def percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def percent_interval(value, bounds) -> str:
+    """"12.5% [5.0, 20.0]" (the 95% interval over seeds), or the bare percentage without one."""
+    if value is None or not bounds:
+        return percent(value)
+    return f"{100 * value:.1f}% [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
 
 
 def flatten(metrics: dict) -> dict[str, float | None]:
@@ -83,21 +91,30 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
                      for r in [header] + rows)
 
 
-def refusal_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Refusal rate per prefill length (the position bias without the judge's substantive-content threshold)."""
+def by_prefix_rows(summary: dict, key: str = "refusal_by_prefix",
+                   intervals: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """One by-prefix metric (`refusal_by_prefix`, `degenerate_by_prefix`, ...) per prefill length and model."""
     columns = [(suite, k) for suite in suites_of(summary) for k in
-               dict.fromkeys(k for per_suite in summary.values()
-                             for k in per_suite.get(suite, {}).get("refusal_by_prefix", {}))]
-    header = ["model"] + [f"{short(suite)} refusal k={k}" for suite, k in columns]
-    rows = [[model] + [percent(per_suite.get(suite, {}).get("refusal_by_prefix", {}).get(k)) for suite, k in columns]
-            for model, per_suite in summary.items()]
+               dict.fromkeys(k for per_suite in summary.values() for k in per_suite.get(suite, {}).get(key, {}))]
+    header = ["model"] + [f"{short(suite)} {BY_PREFIX[key]} k={k}" for suite, k in columns]
+    bounds = lambda model, suite, k: ((intervals or {}).get(model, {}).get(suite, {}).get(key) or {}).get(k)  # noqa: E731
+    rows = [[model] + [percent_interval(per_suite.get(suite, {}).get(key, {}).get(k), bounds(model, suite, k))
+                       for suite, k in columns] for model, per_suite in summary.items()]
     return header, rows
 
 
+def refusal_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    return by_prefix_rows(summary, "refusal_by_prefix")
+
+
 def compact_table(summary: dict) -> str:
-    """The overview, then refusal rate per prefill length, as fixed-width text (for the terminal)."""
-    header, rows = refusal_rows(summary)
-    return text_table(*overview_rows(summary)) + (f"\n\n{text_table(header, rows)}" if len(header) > 1 else "")
+    """The overview, then coherent refusal and degenerate rates per prefill length, as fixed-width text."""
+    parts = [text_table(*overview_rows(summary))]
+    for key in ("refusal_by_prefix", "degenerate_by_prefix"):
+        header, rows = by_prefix_rows(summary, key)
+        if len(header) > 1:
+            parts.append(text_table(header, rows))
+    return "\n\n".join(parts)
 
 
 def suite_table(summary: dict, suite: str) -> str:
@@ -175,19 +192,24 @@ def plot_refusal_curves(curves: dict, path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------- report
 def write_report(summary: dict, curves: dict, output: Path, title: str = "derta evaluation",
-                 notes: list[str] | None = None) -> Path:
-    """Write output/report.md plus the PNG plots; returns the report path."""
+                 notes: list[str] | None = None, intervals: dict | None = None) -> Path:
+    """Write output/report.md plus the PNG plots; returns the report path. `intervals` (same shape as the
+    summary, [low, high]) adds the 95% interval over seeds to the per-prefix tables."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", *(notes or []),
              "## Overview: safety, helpfulness and over-refusal",
              "ASR = attack success rate (lower is safer); accuracy = exact answer (higher is better); "
-             "over-refusal = refusals of benign prompts (lower is better).",
+             "over-refusal = refusals of benign prompts (lower is better). Outcomes of harmful items are three-way "
+             "(derta/coherence.py): attack success, coherent refusal, degenerate (loops, gibberish), or other.",
              markdown_table(*overview_rows(summary))]
-    header, rows = refusal_rows(summary)
-    if len(header) > 1:
-        parts += ["Refusal rate per prefill length (refused after k prefilled harmful tokens; the judge's refusal "
-                  "half, independent of its substantive-content threshold):", markdown_table(header, rows)]
+    for key, text in (("asr_by_prefix", "Attack success rate per prefill length"),
+                      ("refusal_by_prefix", "Coherent refusal rate per prefill length (refused after k prefilled "
+                                            "tokens, and the completion passes the coherence rule)"),
+                      ("degenerate_by_prefix", "Degenerate outputs per prefill length (loops, gibberish)")):
+        header, rows = by_prefix_rows(summary, key, intervals)
+        if len(header) > 1:
+            parts += [f"{text}:", markdown_table(header, rows)]
     if plot_asr_by_prefix(summary, output / ASR_PLOT):
         parts += ["## ASR vs prefill length", f"![ASR vs prefill length]({ASR_PLOT})"]
     if plot_refusal_curves(curves, output / CURVE_PLOT):
@@ -198,3 +220,69 @@ def write_report(summary: dict, curves: dict, output: Path, title: str = "derta 
     path = output / "report.md"
     path.write_text("\n\n".join(parts) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------------- README
+README_BEGIN, README_END = "<!-- experiment-results:begin -->", "<!-- experiment-results:end -->"
+PREFILL_SUITE, HELP_SUITE, BENIGN_SUITE = "synthetic_prefill", "synthetic_helpful", "synthetic_benign_prefill"
+LOOKALIKE_SUITE = "synthetic_lookalike"
+
+
+def readme_tables(summary: dict, intervals: dict, record: dict) -> str:
+    """The README's experiment tables, generated from a results directory (summary, intervals, experiment.json)."""
+    def cell(model, suite, key, k=None):
+        value, bounds = summary[model].get(suite, {}).get(key), intervals.get(model, {}).get(suite, {}).get(key)
+        if k is not None:
+            value, bounds = (value or {}).get(k), (bounds or {}).get(k)
+        return percent_interval(value, bounds)
+
+    ks = list(next(iter(summary.values()))[PREFILL_SUITE]["asr_by_prefix"])
+    rows = [[model, label] + [cell(model, PREFILL_SUITE, key, k) for k in ks]
+            for model in summary for key, label in (("asr_by_prefix", "attack success"),
+                                                    ("refusal_by_prefix", "coherent refusal"),
+                                                    ("degenerate_by_prefix", "degenerate"))]
+    attack = markdown_table(["model", "outcome"] + [f"k={k}" for k in ks], rows)
+    other = markdown_table(
+        ["model", "helpful accuracy", "benign-prefill refusal", "lookalike over-refusal"],
+        [[model, cell(model, HELP_SUITE, "accuracy"), cell(model, BENIGN_SUITE, "refusal_rate"),
+          cell(model, LOOKALIKE_SUITE, "over_refusal_rate")] for model in summary])
+    seconds = [run["total_seconds"] for run in record["per_seed"].values()]
+    n = summary[next(iter(summary))][PREFILL_SUITE].get("n_by_prefix", {})
+    return "\n".join([
+        f"Held-out `{record['heldout_split']}` split, mean over {len(record['seeds'])} seed(s) "
+        f"{record['seeds']} [95% t interval over seeds]; {' / '.join(map(str, n.values()))} harmful prompts at "
+        f"k = {' / '.join(ks)}. Wall time per seed: {', '.join(f'{s:.0f}' for s in seconds)} s. Generated by "
+        "`python -m derta.report --readme README.md results/experiment` from `results/experiment/`.", "",
+        "Prefilling attack (k harmful tokens prefilled):", "", attack, "",
+        "Helpfulness and false refusals:", "", other])
+
+
+def load_results(directory: Path) -> tuple[dict, dict, dict]:
+    directory = Path(directory)
+    return tuple(json.loads((directory / name).read_text())
+                 for name in ("summary.json", "intervals.json", "experiment.json"))
+
+
+def readme_block(directory: Path) -> str:
+    return f"{README_BEGIN}\n{readme_tables(*load_results(directory))}\n{README_END}"
+
+
+def update_readme(readme: Path, directory: Path) -> bool:
+    """Replace the README's generated block; True when it changed."""
+    text = Path(readme).read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    new = head + readme_block(directory) + rest.split(README_END, 1)[1]
+    Path(readme).write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m derta.report --readme README.md results/experiment
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Regenerate the README's experiment tables from a results dir")
+    parser.add_argument("--readme", type=Path, required=True)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    print(("updated " if update_readme(args.readme, args.results) else "unchanged ") + str(args.readme))

@@ -18,6 +18,7 @@ Metric kinds (`SuiteSpec.metric`), for the evaluator:
 - "gsm8k_accuracy": `extract_gsm8k_answer(output) == reference`;
 - "mmlu_accuracy": `extract_mmlu_choice(output) == reference`;
 - "open_ended": helpfulness prompts without a reference (AlpacaEval; compare outputs with a judge model);
+- "benign_prefill": refusal rate after prefilling the start of a helpful answer (a refusal there is a false one);
 - "exact_answer": synthetic helpful rows with a short `answer`, equal to the answer the output states ("The answer is X").
 """
 from __future__ import annotations
@@ -292,6 +293,7 @@ def _synthetic_rows(suite: str, path: str | os.PathLike | None, need: str) -> li
                          "(written by the synthetic corpus generator)")
     root = Path(path)
     wanted = suite.removeprefix("synthetic_")
+    accepted = ("helpful", "lookalike") if wanted == "benign_prefill" else (wanted,)
     if root.is_dir():
         files = sorted(p for p in root.glob(f"*{wanted}*.jsonl") if p.is_file())
         if not files:
@@ -302,7 +304,7 @@ def _synthetic_rows(suite: str, path: str | os.PathLike | None, need: str) -> li
     for file in files:
         for number, row in _read_jsonl(file, []):
             tag = next((str(row[k]) for k in ("kind", "category", "split") if row.get(k)), "")
-            if tag in ("helpful", "harmful", "lookalike") and tag != wanted:
+            if tag in ("helpful", "harmful", "lookalike") and tag not in accepted:
                 continue
             if need not in row:
                 continue
@@ -351,6 +353,22 @@ def _synthetic_harmful(data_dir: Path, path: str | None = None) -> list[EvalItem
                 "build_prefill_items); option path=", "prefill_asr")
 def _synthetic_prefill(data_dir: Path, path: str | None = None) -> list[EvalItem]:
     return _synthetic_harmful_items("synthetic_prefill", path)
+
+
+@register_suite("synthetic_benign_prefill", "held-out synthetic helpful + lookalike rows whose helpful answer is "
+                "prefilled (expand with build_prefill_items(response_key='response')): refusals inserted into "
+                "helpful answers; option path= (a file, a directory or a list of files)", "benign_prefill")
+def _synthetic_benign_prefill(data_dir: Path, path=None) -> list[EvalItem]:
+    from itertools import chain, zip_longest
+
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    per_file = [[row for _, _, row in _synthetic_rows("synthetic_benign_prefill", p, "response")] for p in paths]
+    # interleaved, so that `limit` keeps both helpful and lookalike answers
+    rows = [row for row in chain.from_iterable(zip_longest(*per_file)) if row is not None]
+    return [EvalItem(id=_synthetic_id("synthetic_benign_prefill", i, row), suite="synthetic_benign_prefill",
+                     prompt=row["instruction"], reference=_answer(row), kind="benign",
+                     meta={"response": row["response"]})
+            for i, row in enumerate(rows)]
 
 
 def _answer(row: dict) -> str | None:
@@ -435,8 +453,10 @@ def _whitespace_tokenize(text: str) -> list[str]:
 def build_prefill_items(items: Iterable[EvalItem], ks: Sequence[int] = (0, 5, 10, 20, 40), tokenizer: Any = None,
                         *, tokenize: Callable[[str], Sequence] | None = None,
                         detokenize: Callable[[Sequence], str] | None = None,
-                        skip_short: bool = True) -> list[EvalItem]:
-    """One item per (item, k): `prefix` = the first k tokens of `meta["harmful_response"]`, `meta["k"] = k`.
+                        skip_short: bool = True, response_key: str = "harmful_response",
+                        kind: str = "harmful") -> list[EvalItem]:
+    """One item per (item, k): `prefix` = the first k tokens of `meta[response_key]`, `meta["k"] = k`, the
+    item's kind `kind` (benign-prefill controls prefill helpful answers: `response_key="response"`).
 
     Token boundaries come from, in order: `tokenize`/`detokenize` callables (e.g. `str.split` / `" ".join`),
     or a Hugging Face style `tokenizer` (encode without special tokens, decode skipping them), or words with
@@ -455,15 +475,16 @@ def build_prefill_items(items: Iterable[EvalItem], ks: Sequence[int] = (0, 5, 10
         raise ValueError(f"ks must be >= 0, got {list(ks)}")
     out = []
     for item in items:
-        response = item.meta.get("harmful_response")
+        response = item.meta.get(response_key)
         if not response:
-            raise ValueError(f"{item.id}: meta['harmful_response'] is missing; load a suite with harmful responses "
-                             "(prefill_malicious, synthetic_harmful, synthetic_prefill)")
+            raise ValueError(f"{item.id}: meta[{response_key!r}] is missing; load a suite with such responses "
+                             "(prefill_malicious, synthetic_harmful, synthetic_prefill; synthetic_benign_prefill "
+                             "for 'response')")
         tokens = list(tokenize(response))
         for k in ks:
             if k and skip_short and k >= len(tokens):
                 continue
             prefix = detokenize(tokens[:k]) if k else ""
-            out.append(replace(item, id=f"{item.id}@k{k}", prefix=prefix, kind="harmful",
+            out.append(replace(item, id=f"{item.id}@k{k}", prefix=prefix, kind=kind,
                                meta={**item.meta, "k": k, "n_tokens": len(tokens), "source_id": item.id}))
     return out

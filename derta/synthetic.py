@@ -31,6 +31,8 @@ Conventions
   (`is_heldout_instruction`); held-out rows are drawn only from it and training rows never are. So no
   instruction appears in both train and held-out splits, for any seed or size. Instructions share prefixes,
   suffixes and templates across helpful, harmful and lookalike prompts so surface form is not a shortcut.
+- Dev / test: `heldout_half(instruction)` puts each held-out instruction in "dev" (tuning, variants) or "test"
+  (reported numbers only) by a salted hash, independent of the held-out bucket; `heldout_rows(rows, half)` filters.
 - Duplicates: instructions within a split are unique while the template space allows; for very large n they may
   repeat (never across the train/held-out boundary).
 """
@@ -386,6 +388,23 @@ def is_heldout_instruction(instruction: str) -> bool:
     return zlib.crc32(instruction.encode("utf-8")) % 1000 < HELDOUT_BUCKET_PER_MILLE
 
 
+HELDOUT_HALVES = ("dev", "test")
+
+
+def heldout_half(instruction: str) -> str:
+    """"dev" or "test": a fixed, salted hash of the instruction (about half each; same instruction, same half)."""
+    return HELDOUT_HALVES[zlib.crc32(f"derta-dev-test:{instruction}".encode("utf-8")) % 2]
+
+
+def heldout_rows(rows: list[dict], half: str) -> list[dict]:
+    """The rows of a held-out split in `half` ("dev" / "test"); "all" keeps every row."""
+    if half == "all":
+        return list(rows)
+    if half not in HELDOUT_HALVES:
+        raise ValueError(f"held-out half must be one of all, dev, test; got {half!r}")
+    return [row for row in rows if heldout_half(row["instruction"]) == half]
+
+
 def _draw(make_row: Callable[[random.Random], dict], rng: random.Random, heldout: bool, seen: set[str],
           duplicate_budget: int) -> tuple[dict, bool]:
     """One row from the right bucket, unseen if found within `duplicate_budget` tries; also says if it is new."""
@@ -445,13 +464,18 @@ def generate_corpus(n_helpful: int = 3000, n_harmful: int = 800, n_lookalike: in
     return {split: _with_ids(split, rows) for split, rows in splits.items()}
 
 
-def write_corpus(out_dir: str | Path, **generate_kwargs) -> dict[str, Path]:
-    """Write `{split}.jsonl` for every split into `out_dir`; returns {split: path}."""
+def write_corpus(out_dir: str | Path, heldout: str = "all", **generate_kwargs) -> dict[str, Path]:
+    """Write `{split}.jsonl` for every split into `out_dir`; returns {split: path}. With `heldout` "dev" or "test"
+    the held-out splits keep only that half and are written as `{split}_{heldout}.jsonl`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, rows in generate_corpus(**generate_kwargs).items():
-        paths[split] = out_dir / f"{split}.jsonl"
+        if split.startswith("heldout_") and heldout != "all":
+            rows = heldout_rows(rows, heldout)
+            paths[split] = out_dir / f"{split}_{heldout}.jsonl"
+        else:
+            paths[split] = out_dir / f"{split}.jsonl"
         with open(paths[split], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return paths
