@@ -9,7 +9,9 @@
       -> map_batches(tokenize_blocks)           DeRTa examples (helpful / harmful_prefix / rto), one tokenizer
                                                 call per tokenize_batch_size records, one cached Tokenize per
                                                 worker process
-      -> split: good rows -> Parquet / trainer; bad rows -> quarantine.jsonl; mix sampling per kind
+      -> materialize (once)                     then per-block Ray tasks: counts, statistics (derta.data_stats),
+                                                quarantine.jsonl; mix sampling per kind -> Parquet
+      -> training streams the Parquet files every epoch (`prepare_training_data`)
 
 The three map steps share their options, so Ray Data fuses them: one task per file part runs read -> normalize ->
 tokenize, and a single operator holds all the CPUs (on a small machine, separate operators each got a fixed share).
@@ -29,14 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig
+from derta.data_stats import count_source_rows, histogram_percentiles, select_training_block, summarize_task
 from derta.schema import RECORD_COLUMNS, normalize_record
-from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_records, refusal_token_id, unit_hash
+from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_records, refusal_token_id
 
 RAW_COLUMNS = ("source", "line", "raw", "error", "source_index")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4", ".br")  # what Arrow (and Ray Data's readers) decompress
 EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
                    "num_loss_tokens", "prefix_len")
-BAD_KINDS = ("bad", "no_loss")
 
 
 def _types():
@@ -372,18 +374,14 @@ def tokenize(records, tokenizer_path: str, data: DataConfig, mode: str):
 
 # ------------------------------------------------------------------------------------------- mixing
 def mix_rates(counts: dict[str, int], data: DataConfig) -> dict[str, float]:
-    """Sampling rate per kind so each kind lands near its configured target (null = keep all)."""
+    """Sampling rate per training kind of the mode, so each kind lands near its configured target (null = keep all).
+    Kinds outside the mode have no rate: they never train."""
     rates = {}
-    for kind in KINDS:
+    for kind in MODE_KINDS[data.mode]:
         target = getattr(data.mix, kind)
         available = counts.get(kind, 0)
         rates[kind] = 1.0 if target is None or available == 0 else min(1.0, target / available)
     return rates
-
-
-def keep_by_mix(batch: dict, rates: dict[str, float], seed: int) -> np.ndarray:
-    return np.array([unit_hash(seed, f"{uid}|{kind}", "mix") < rates.get(kind, 1.0)
-                     for uid, kind in zip(batch["uid"], batch["kind"])], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -428,14 +426,6 @@ def _block_kind_counts(table) -> dict[str, int]:
     return dict(Counter(table.column("kind").to_pylist()))
 
 
-def select_training_rows(examples, counts: dict[str, int], data: DataConfig):
-    rates = mix_rates(counts, data)
-    allowed = set(MODE_KINDS[data.mode])
-    return examples.filter(lambda row: row["kind"] in allowed).map_batches(
-        lambda b: {k: (np.asarray(v)[keep_by_mix(b, rates, data.seed)]) for k, v in b.items()},
-        batch_format="numpy")
-
-
 def check_quality(counts: dict[str, int], num_bad_rows: int, num_source_rows: int, data: DataConfig,
                   quarantine_path: Path | None) -> None:
     fraction = num_bad_rows / max(num_source_rows, 1)
@@ -448,78 +438,114 @@ def check_quality(counts: dict[str, int], num_bad_rows: int, num_source_rows: in
         raise DataQualityError("no usable training rows: every row was malformed or filtered out")
 
 
-def length_percentiles(lengths: np.ndarray) -> dict[str, float]:
-    if len(lengths) == 0:
-        return {}
-    return {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max()),
-                                                                                 "mean": float(lengths.mean())}
+def summarize(examples, counts: dict[str, int], config: DertaConfig, quarantine_path: Path) -> dict:
+    """Statistics of the training selection and the quarantine file, from one summary task per block of the
+    materialised `examples`; quarantined rows are appended block by block, in dataset order."""
+    import ray
 
+    data, train = config.data, config.train
+    rates = mix_rates(counts, data)
+    task = summarize_task()
+    refs = [task.remote(block, rates, data.seed, train.batch_size, train.group_buffer_batches, data.max_length)
+            for block in examples.to_arrow_refs()]
+    summaries = ray.get([summary for summary, _ in refs])
+    quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+    malformed = 0
+    with quarantine_path.open("w") as f:
+        for _, bad_ref in refs:
+            bad = ray.get(bad_ref)
+            malformed += sum(1 for kind in bad.column("kind").to_pylist() if kind == "bad")
+            for row in bad.to_pylist():
+                f.write(json.dumps({"source": row["source"], "line": int(row["line"]), "kind": row["kind"],
+                                    "reason": row["reason"]}) + "\n")
+            del bad
+    hist: dict[str, np.ndarray] = {}
+    for summary in summaries:
+        for kind, values in summary.get("length_hist", {}).items():
+            hist[kind] = hist.get(kind, 0) + np.asarray(values, dtype=np.int64)
+    real = sum(s.get("real_tokens", 0) for s in summaries)
 
-def padding_waste(lengths: np.ndarray, batch_size: int, group_buffer_batches: int | None, seed: int = 0) -> float:
-    """Fraction of padded tokens when batching `lengths` (length-grouped when group_buffer_batches is set)."""
-    from derta.batching import plan_batches
+    def waste(key: str) -> float:
+        padded = sum(s.get(key, 0) for s in summaries)
+        return 1 - real / padded if padded else 0.0
 
-    if len(lengths) == 0:
-        return 0.0
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    padded = real = 0
-    for batch in plan_batches(lengths[order].tolist(), batch_size, group_buffer_batches, seed, drop_last=False):
-        longest = max(lengths[order][batch])
-        padded += longest * len(batch)
-        real += int(lengths[order][batch].sum())
-    return 1 - real / padded
-
-
-def write_quarantine(examples, path: Path) -> tuple[int, int]:
-    """Write every bad / no-loss row as {source, line, kind, reason}; return (malformed rows, source rows)."""
-    bad = examples.filter(lambda row: row["kind"] in BAD_KINDS).take_all()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in bad:
-            f.write(json.dumps({"source": row["source"], "line": int(row["line"]), "kind": row["kind"],
-                                "reason": row["reason"]}) + "\n")
-    malformed = sum(1 for row in bad if row["kind"] == "bad")
-    source_rows = len(examples.unique("uid"))
-    return malformed, source_rows
+    return {
+        "source_rows": count_source_rows(summaries),
+        "malformed": malformed,
+        "rates": rates,
+        "examples_by_kind": {kind: int(h.sum()) for kind, h in hist.items()},
+        "length": histogram_percentiles(sum(hist.values())) if hist else {},
+        "length_by_kind": {kind: histogram_percentiles(h) for kind, h in hist.items()},
+        "padding_waste": {"length_grouped": waste("padded_grouped"), "random_batches": waste("padded_random"),
+                          "batch_size": train.batch_size},
+    }
 
 
 def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, inputs: list[str] | None = None) -> dict:
-    """`derta data prepare`: Parquet examples + stats.json + quarantine.jsonl under `output`."""
+    """`derta data prepare`: Parquet examples + stats.json + quarantine.jsonl under `output`.
+
+    The examples are materialised once (in the object store, spilling to disk when large); counting, statistics,
+    the quarantine file and the Parquet write each stream over those blocks, so the driver holds only per-block
+    summaries. The Parquet files hold the training rows (mode kinds, mix-sampled) in a seeded random block order,
+    so that files interleave the sources for training's streaming reads.
+    """
     output.mkdir(parents=True, exist_ok=True)
     data = config.data
     examples, counts = prepare_examples(config, tokenizer_path, output / "_work", inputs)
     quarantine = output / "quarantine.jsonl"
-    malformed, source_rows = write_quarantine(examples, quarantine)
-    no_loss = counts.get("no_loss", 0)
-    check_quality(counts, malformed, source_rows, data, quarantine)
-    train = select_training_rows(examples, counts, data).materialize()
+    summary = summarize(examples, counts, config, quarantine)
+    check_quality(counts, summary["malformed"], summary["source_rows"], data, quarantine)
+    if not summary["examples_by_kind"]:
+        raise DataQualityError(f"no training rows left for mode={data.mode} after data.mix sampling")
     parquet_dir = output / "examples"
     if parquet_dir.exists():
         import shutil
 
         shutil.rmtree(parquet_dir)
-    train.drop_columns(["reason"]).write_parquet(str(parquet_dir))
-    lengths = {}
-    kept = {}
-    for row in train.select_columns(["kind", "length"]).iter_rows():
-        lengths.setdefault(row["kind"], []).append(row["length"])
-    all_lengths = np.array([n for values in lengths.values() for n in values])
-    kept = {kind: len(values) for kind, values in lengths.items()}
+    examples.randomize_block_order(seed=data.seed).map_batches(
+        select_training_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        fn_kwargs={"rates": summary["rates"], "seed": data.seed}).write_parquet(str(parquet_dir))
     stats = {
         "mode": data.mode,
-        "source_rows": source_rows,
-        "examples_by_kind": kept,
+        "source_rows": summary["source_rows"],
+        "examples_by_kind": summary["examples_by_kind"],
         "available_by_kind": {k: v for k, v in counts.items() if k in KINDS},
-        "quarantined": {"malformed": malformed, "no_loss_tokens": no_loss, "path": str(quarantine)},
-        "length": length_percentiles(all_lengths),
-        "length_by_kind": {k: length_percentiles(np.array(v)) for k, v in lengths.items()},
-        "padding_waste": {
-            "length_grouped": padding_waste(all_lengths, config.train.batch_size, config.train.group_buffer_batches),
-            "random_batches": padding_waste(all_lengths, config.train.batch_size, None),
-            "batch_size": config.train.batch_size,
-        },
+        "quarantined": {"malformed": summary["malformed"], "no_loss_tokens": counts.get("no_loss", 0),
+                        "path": str(quarantine)},
+        "length": summary["length"],
+        "length_by_kind": summary["length_by_kind"],
+        "padding_waste": summary["padding_waste"],
         "examples_dir": str(parquet_dir),
         "tokenizer": tokenizer_path,
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+# ------------------------------------------------------------------------------------------ training
+def prepare_training_data(config: DertaConfig, tokenizer_path: str, output: Path):
+    """(lazy Ray Dataset over the prepared Parquet, Ray Train DataConfig, stats) for `TorchTrainer`.
+
+    The examples are prepared once into `output` (Parquet + stats.json + quarantine.jsonl, as `derta data
+    prepare` writes them) and the object-store copy is released; every epoch streams the files again, so nothing
+    is materialised a second time and a worker holds only its shuffle buffer (see `derta.batching.epoch_batches`).
+    """
+    stats = write_prepared(config, tokenizer_path, output)
+    return training_dataset(stats["examples_dir"]), ordered_ingest(), stats
+
+
+def training_dataset(examples_dir: str):
+    import ray
+
+    return ray.data.read_parquet(examples_dir)
+
+
+def ordered_ingest():
+    """Ray Train ingest with preserve_order: the split of the files' rows across workers is then the same in every
+    epoch and after a restart, so a resumed run's data position (batch index in the epoch) skips exactly the rows
+    already trained; each epoch's order comes from the seeded shuffle in `epoch_batches`."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)

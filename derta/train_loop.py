@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from derta.batching import collate, grouped_batches
+from derta.batching import collate, epoch_batches
 from derta.config import DertaConfig, dump_config
 from derta.losses import derta_loss
 
@@ -180,8 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     micro = 0
     while step < total_steps:
-        rows = shard.iter_rows()
-        batches = grouped_batches(rows, train.batch_size, train.group_buffer_batches, seed=train.seed + epoch)
+        batches = epoch_batches(shard, train.batch_size, train.group_buffer_batches, train.seed, epoch)
         for index, batch_rows in enumerate(batches):
             if index >= batches_per_epoch or step >= total_steps:
                 break

@@ -43,7 +43,7 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from derta.data import check_quality, prepare_examples, select_training_rows, write_quarantine
+    from derta.data import prepare_training_data
     from derta.runtime import init_ray
 
     output = Path(output or cfg.train.output_dir).resolve()
@@ -52,11 +52,10 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     model_path = preflight(cfg)
     output.mkdir(parents=True, exist_ok=True)
 
-    examples, counts = prepare_examples(cfg, cfg.model.tokenizer or model_path, output / "data")
-    bad, num_source_rows = write_quarantine(examples, output / "quarantine.jsonl")
-    check_quality(counts, bad, num_source_rows, cfg.data, output / "quarantine.jsonl")
-    train_ds = select_training_rows(examples, counts, cfg.data).random_shuffle(seed=cfg.train.seed).materialize()
-    num_rows = train_ds.count()
+    # prepared once to Parquet (+ stats.json, quarantine.jsonl) under output/data; training streams those files
+    train_ds, ingest, stats = prepare_training_data(cfg, cfg.model.tokenizer or model_path, output / "data")
+    counts = stats["examples_by_kind"]
+    num_rows = sum(counts.values())
     train = cfg.train
     try:
         batches_per_epoch, total_steps = plan_steps(num_rows, train.num_workers, train.batch_size, train.grad_accum,
@@ -79,7 +78,7 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds},
+        datasets={"train": train_ds}, dataset_config=ingest,
     )
     try:
         result = trainer.fit()
