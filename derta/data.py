@@ -1,9 +1,9 @@
 """Corpus -> DeRTa training examples, streamed through Ray Data.
 
     sources (JSONL / Parquet / HF save_to_disk / synthetic)
-      -> file parts                             local JSONL split into ~read_chunk_mb byte ranges at line starts
-                                                (driver side); other files whole; object-store URIs via
-                                                read_binary_files
+      -> file parts                             local JSONL split into ~read_chunk_mb byte ranges at line starts,
+                                                local Parquet into runs of row groups of ~read_chunk_mb (driver
+                                                side); other files whole; object-store URIs via read_binary_files
       -> map_batches(read_parts)                one row per source line, with file and 1-based line number
       -> map_batches(normalize_batch)           canonical record, or an `error` naming the field
       -> map_batches(tokenize_blocks)           DeRTa examples (helpful / harmful_prefix / rto), one tokenizer
@@ -106,7 +106,42 @@ def parse_file(path: str, data: bytes, fmt: str) -> list[dict]:
             table = pa.ipc.open_stream(io.BytesIO(data)).read_all()
     except Exception as err:  # noqa: BLE001 - any unreadable file becomes one quarantined row
         return [{"source": path, "line": 0, "raw": None, "error": f"unreadable {fmt} file: {err}"}]
-    return [{"source": path, "line": i + 1, "raw": json.dumps(row, default=str), "error": None}
+    return _table_rows(path, table)
+
+
+def parquet_row_groups(path: str, file: str, groups, first_line: int) -> list[dict]:
+    """Raw rows of some row groups of a Parquet file; `first_line` is the 1-based file row of the first one."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = _parquet_file(file).read_row_groups(list(groups))
+    except Exception as err:  # noqa: BLE001 - an unreadable piece becomes one quarantined row
+        return [{"source": path, "line": first_line, "raw": None, "error": f"unreadable parquet row groups "
+                                                                            f"{groups.start}-{groups.stop - 1}: {err}"}]
+    return _table_rows(path, table, first_line)
+
+
+def _arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) for a URI pyarrow can open (s3://, gs://, hdfs://, file://), else None."""
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception:  # noqa: BLE001 - unknown scheme or missing credentials: Ray Data's reader handles it
+        return None
+
+
+def _parquet_file(file: str):
+    import pyarrow.parquet as pq
+
+    if "://" not in file:
+        return pq.ParquetFile(file)
+    filesystem, path = _arrow_filesystem(file)
+    return pq.ParquetFile(filesystem.open_input_file(path))
+
+
+def _table_rows(path: str, table, first_line: int = 1) -> list[dict]:
+    return [{"source": path, "line": first_line + i, "raw": json.dumps(row, default=str), "error": None}
             for i, row in enumerate(table.to_pylist())]
 
 
@@ -150,21 +185,50 @@ def jsonl_pieces(path: str, piece_bytes: int) -> list[tuple[int, int, int]]:
 
 
 def file_parts(sources: list[SourceConfig], piece_bytes: int) -> tuple[list[dict], list[tuple[str, str, int]]]:
-    """Local read tasks (one per JSONL piece or other local file) and object-store files (path, format, source)."""
+    """Read tasks (one per JSONL piece, Parquet row-group run or other local file) and the object-store files left
+    to Ray Data's reader (path, format, source)."""
     parts, remote = [], []
     for index, source in enumerate(sources):
         for path, fmt in expand_source(source):
-            if "://" in path:
+            if "://" in path and not (fmt == "parquet" and _arrow_filesystem(path)):
                 remote.append((path, fmt, index))
                 continue
-            part = {"source": path, "file": os.path.abspath(path), "format": fmt, "source_index": index,
+            part = {"source": path, "file": path if "://" in path else os.path.abspath(path), "format": fmt,
+                    "source_index": index,
                     "start": 0, "end": -1, "first_line": 1}  # end -1: the whole file
             if fmt == "jsonl" and not path.endswith(COMPRESSED_SUFFIXES):
                 parts += [dict(part, start=start, end=end, first_line=first_line)
                           for start, end, first_line in jsonl_pieces(path, piece_bytes)]
+            elif fmt == "parquet":
+                pieces = parquet_pieces(path, piece_bytes)
+                if "://" in path and pieces[0][1] < 0:  # footer unreadable here: Ray Data's reader reports it
+                    remote.append((path, fmt, index))
+                    continue
+                parts += [dict(part, start=start, end=end, first_line=first_line)
+                          for start, end, first_line in pieces]
             else:
                 parts.append(part)
     return parts, remote
+
+
+def parquet_pieces(path: str, piece_bytes: int) -> list[tuple[int, int, int]]:
+    """(first row group, end row group, first row) ranges of a Parquet file, each about `piece_bytes` of
+    uncompressed data (a row group is the smallest unit Parquet reads; a file of one row group is one piece).
+    Reads only the footer. An unreadable file stays one whole-file piece, quarantined by the worker."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = _parquet_file(path).metadata
+    except Exception:  # noqa: BLE001 - parse_file reports it with the reason
+        return [(0, -1, 1)]
+    pieces, start, first_row, rows, size = [], 0, 1, 0, 0
+    for group in range(metadata.num_row_groups):
+        rows += metadata.row_group(group).num_rows
+        size += metadata.row_group(group).total_byte_size
+        if size >= piece_bytes or group == metadata.num_row_groups - 1:
+            pieces.append((start, group + 1, first_row))
+            start, first_row, size = group + 1, rows + 1, 0
+    return pieces or [(0, -1, 1)]
 
 
 def read_parts(batch: dict):
@@ -179,6 +243,9 @@ def read_parts(batch: dict):
 def _parse_part(part: dict) -> list[dict]:
     import pyarrow as pa
 
+    if part["format"] == "parquet" and part["end"] >= 0:  # a range of row groups
+        return parquet_row_groups(part["source"], part["file"], range(part["start"], part["end"]),
+                                  part["first_line"])
     if part["end"] < 0:  # Arrow decompresses by file extension, as Ray Data's file readers do
         with pa.input_stream(part["file"], compression="detect") as stream:
             return parse_file(part["source"], stream.read(), part["format"])
@@ -202,9 +269,11 @@ def _raw_table(rows: list[dict]):
 def read_raw(data: DataConfig, sources: list[SourceConfig]):
     """A Ray Dataset of raw rows from all sources.
 
-    Local files become one read task per part: JSONL files are split into pieces of `data.read_chunk_mb`, so a
-    large file is read, normalized and tokenized by several tasks at once; compressed JSONL, Parquet and Arrow
-    files are one part each. Object-store URIs are read by Ray Data on the workers, one task per file.
+    Local files become one read task per part: JSONL files are split into pieces of `data.read_chunk_mb`, Parquet
+    files into runs of row groups of about that much data, so a large file is read, normalized and tokenized by
+    several tasks at once; compressed JSONL and Arrow files are one part each. Object-store Parquet files that
+    pyarrow can open (s3://, gs://, hdfs://, file://) are split into row groups the same way; other URIs are read
+    by Ray Data on the workers, one task per file.
     """
     import ray
 

@@ -268,3 +268,46 @@ def test_training_streams_the_prepared_parquet_once_and_reshuffles_per_epoch(tin
     for rank in (0, 1):  # each worker keeps its rows but sees them in a new order and new batches each epoch
         before, after = ([row for batch in epochs[e][rank] for row in batch] for e in (0, 1))
         assert before != after and len(set(before) ^ set(after)) < 2 * 8 * 4
+
+
+def _parquet_corpus(tmp_path):
+    import pyarrow as pa
+
+    rows = [{"instruction": f"What is {i} plus 1?", "response": f"{i} plus 1 is {i + 1}." if i % 7 else ""}
+            for i in range(40)]  # every 7th row is malformed (empty response)
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+    return path
+
+
+def test_parquet_row_group_pieces_read_the_same_rows_and_lines_as_the_whole_file(tmp_path):
+    from derta.data import parquet_pieces
+
+    path = _parquet_corpus(tmp_path)
+    whole = parse_file(str(path), path.read_bytes(), "parquet")
+    assert [row["line"] for row in whole] == list(range(1, 41))
+    part = {"source": str(path), "file": str(path), "format": "parquet", "source_index": 0}
+    for piece_bytes in (1, 100, 300, 1 << 20):
+        pieces = parquet_pieces(str(path), piece_bytes)
+        assert pieces[0][:1] == (0,) and pieces[-1][1] == 14 and len(pieces) <= 14
+        assert all(before[1] == after[0] for before, after in zip(pieces, pieces[1:]))
+        rows = [row for start, end, first in pieces for row in _parse_part(dict(part, start=start, end=end,
+                                                                                first_line=first))]
+        assert rows == whole, piece_bytes
+    assert len(parquet_pieces(str(path), 1)) == 14  # one row group per piece
+    for uri in (str(path), f"file://{path}"):
+        assert len(file_parts([SourceConfig(path=uri)], 1)[0]) == 14
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    broken = file_parts([SourceConfig(path=str(tmp_path / "broken.parquet"))], 1)[0]
+    assert len(broken) == 1 and "unreadable parquet" in _parse_part(broken[0])[0]["error"]
+
+
+def test_split_parquet_gives_the_same_examples(tiny_config, tiny_path, tmp_path):
+    path = _parquet_corpus(tmp_path)
+    whole, counts = prepare_examples(_cfg(tiny_config, tiny_path), tiny_path, tmp_path, [str(path)])
+    assert counts == {"helpful": 34, "bad": 6}
+    split = _cfg(tiny_config, tiny_path, read_chunk_mb=1 / 2**20)
+    expected = _sorted_rows(whole)
+    assert _sorted_rows(prepare_examples(split, tiny_path, tmp_path, [str(path)])[0]) == expected
+    uri = _sorted_rows(prepare_examples(split, tiny_path, tmp_path, [f"file://{path}"])[0], source=None, uid=None)
+    assert uri == sorted(_sorted_rows(whole, source=None, uid=None), key=lambda r: json.dumps(r, sort_keys=True))
