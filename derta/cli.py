@@ -102,9 +102,10 @@ def serve(
     set_: Optional[List[str]] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="checkpoint dir, adapter dir or hub id"),
     port: Optional[int] = typer.Option(None, "--port"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow no API key on a non-loopback serve.host"),
 ):
     """Serve /generate, /probe and /v1/* on serve.host (127.0.0.1 by default; model: the newest local checkpoint)."""
-    cfg = _config(config, set_)
+    cfg = _config(config, list(set_ or []) + (["serve.insecure=true"] if insecure else []))
 
     def run():
         from serve.app import run_local

@@ -189,6 +189,7 @@ class ServeConfig(Strict):
     max_input_tokens: int = Field(1024, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     api_key: str | None = None  # or env DERTA_API_KEY
+    insecure: bool = Field(False, description="allow serving without an API key on a non-loopback host")
     probe_threshold: float = Field(0.5, gt=0, lt=1)
     probe_verify_tokens: int = Field(16, ge=1)
 

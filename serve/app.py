@@ -25,7 +25,7 @@ from ray import serve
 from derta.config import REPO_ROOT, DertaConfig, load_config
 from serve.deployment import DertaModel, deployment_name, model_deployment_options, model_sources
 from serve.engine import GenerationJob, RowDecoder, run_generate  # noqa: F401  (re-exported)
-from serve.ingress import DertaIngress, ingress_deployment_options
+from serve.ingress import DertaIngress, check_exposure, ingress_deployment_options
 from serve.protocol import BuildArgs
 
 
@@ -80,6 +80,7 @@ def start_local(cfg: DertaConfig, model: str, port: int | None = None) -> str:
     """Start Ray if needed, Serve's HTTP proxy on `serve.host` and the app at '/'; returns the base URL."""
     from derta.runtime import init_ray
 
+    check_exposure(cfg.serve.host, cfg.serve.api_key or os.environ.get("DERTA_API_KEY"), cfg.serve.insecure)
     init_ray()
     port = port or cfg.serve.port
     serve.start(http_options={"host": cfg.serve.host, "port": port})

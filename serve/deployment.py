@@ -19,7 +19,7 @@ from derta.config import DertaConfig, ServeConfig
 from serve.engine import Engine, GenerationJob
 from serve.protocol import Rejection, ServeError
 
-FINAL_FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size")
+FINAL_FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size", "error", "logprobs")
 
 
 # ============================================================================================ model sources
@@ -99,6 +99,7 @@ class DertaModel:
         self.batch_sizes = Histogram("derta_generate_batch_size", description="requests per generate batch",
                                      boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.generated_tokens = Counter("derta_generated_tokens", description="completion tokens generated")
+        self.prompt_tokens = Counter("derta_prompt_tokens", description="prompt tokens admitted")
 
     def _load(self) -> None:
         try:
@@ -151,7 +152,10 @@ class DertaModel:
         events = [event async for event in self.generate_stream(request)]
         if isinstance(events[0], Rejection):
             return events[0]
-        return {key: value for key, value in events[-1].items() if key != "type"}
+        final = events[-1]
+        if final.get("finish_reason") == "error":  # this request alone failed; its batch mates did not
+            return Rejection(500, f"generation failed for this request: {final.get('error')}", code="generation_error")
+        return {key: value for key, value in final.items() if key != "type" and value is not None}
 
     async def generate_stream(self, request: dict) -> AsyncIterator[dict | Rejection]:
         """A "start" event (or a Rejection), {"type": "delta", "text"} events, then one "final" event."""
@@ -162,12 +166,23 @@ class DertaModel:
             yield err.rejection()
             return
         yield {"type": "start", "prompt_tokens": len(job.prompt_ids)}  # validation passed: HTTP 200 from here
+        self.prompt_tokens.inc(len(job.prompt_ids))
+        echo = await asyncio.to_thread(self.engine.echo, job.prompt_ids, job.logprobs) if request.get("echo") else None
+        if job.max_new_tokens == 0:  # echo only: score the prompt
+            yield {"type": "final", "model": self.name, "text": "", "finish_reason": "length", "batch_size": 1,
+                   "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "echo": echo,
+                   "logprobs": [] if job.logprobs is not None else None}
+            return
         async for event in self._generate_batch(job):  # consumed to the end: Serve settles every step future
             if event["delta"]:
                 yield {"type": "delta", "text": event["delta"]}
             if event.get("final"):
                 self.generated_tokens.inc(event["completion_tokens"])
-                yield {"type": "final", "model": self.name} | {key: event[key] for key in FINAL_FIELDS}
+                final = {"type": "final", "model": self.name, "echo": echo}
+                final |= {key: event[key] for key in FINAL_FIELDS if key in event}
+                if final.get("logprobs") is not None:
+                    final["logprobs"] = self.engine.readable_logprobs(final["logprobs"])
+                yield final
 
     # ------------------------------------------------------------------------------------ probe
     async def probe(self, request: dict) -> dict | Rejection:

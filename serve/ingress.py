@@ -1,25 +1,50 @@
 """The HTTP ingress: a FastAPI app over the model deployments' handles.
 
-`DertaIngress` holds one `DertaModel` handle per served model name; `build_api` is its FastAPI app: API key,
-body limit, validation errors, the derta routes (/generate, /probe), service routes (/health, /ready, /info) and
-the OpenAI routes (serve/openai_routes.py).
+`DertaIngress` holds one `DertaModel` handle per served model name; `build_api` is its FastAPI app: the guard
+(serve/guard.py: API key, body limit, metrics, 500s), validation errors in OpenAI's shape, the derta routes
+(/generate, /probe), service routes (/health, /ready, /info) and the OpenAI routes (serve/openai_routes.py).
 """
 from __future__ import annotations
 
 import asyncio
-import secrets
+import ipaddress
 from typing import Callable
 
+from fastapi import Request
 from ray import serve
 
 from derta.config import DertaConfig, ServeConfig
-from serve.errors import error_response, json_error, sse
+from serve.errors import error_response, json_error, sse, stream_error
+from serve.guard import HEALTH_ROUTE, Guard, HttpMetrics, request_id
 from serve.openai_routes import add_openai_routes
 from serve.protocol import MAX_CHARS_PER_TOKEN, GenerateRequest, ProbeRequest, Rejection, ServeError, field_error
 
-HEALTH_ROUTE = "/health"
-ROUTES = ("/generate", "/probe", "/v1/completions", "/v1/chat/completions", "/v1/models", HEALTH_ROUTE,
-          "/ready", "/info")
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to serve without an API key on an address other machines can reach, unless told to."""
+    if not api_key and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve on {host} without an API key: anyone who can reach it could use the model. "
+            "Set serve.api_key or DERTA_API_KEY, bind 127.0.0.1, or pass --insecure (serve.insecure=true)")
+
+
+def proxy_host() -> str | None:
+    """The host Serve's HTTP proxies bind (serve_config.yaml http_options.host), if Serve can tell."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 -- not under a Serve controller (e.g. a plain ASGI test)
+        return None
 
 
 @serve.deployment
@@ -28,14 +53,14 @@ class DertaIngress:
     """FastAPI routes over the DertaModel handles (one per served model name)."""
 
     def __init__(self, models: dict, config: dict):
-        from ray.serve.metrics import Counter
-
         self.models = models
         self.cfg = DertaConfig.model_validate(config)
         self.api_key = self.cfg.serve.api_key
         self.default_model = self.cfg.serve.model_name
-        self.requests = Counter("derta_http_requests", description="HTTP requests by route and status",
-                                tag_keys=("route", "status"))
+        host = proxy_host()
+        if host:
+            check_exposure(host, self.api_key, self.cfg.serve.insecure)
+        self.metrics = HttpMetrics()
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -44,19 +69,14 @@ class DertaIngress:
     def handle(self, name: str | None):
         name = name or self.default_model
         if name not in self.models:
-            raise ServeError(404, f"unknown model {name!r}; served models: {sorted(self.models)}")
+            raise ServeError(404, f"unknown model {name!r}; served models: {sorted(self.models)}", param="model",
+                             code="model_not_found")
         return self.models[name]
 
     def check_max_tokens(self, value: int, field_name: str) -> None:
         limit = self.cfg.serve.max_new_tokens
         if value > limit:
             raise field_error((field_name,), f"{field_name}={value} exceeds serve.max_new_tokens={limit}")
-
-    def authorized(self, request) -> bool:
-        if not self.api_key:
-            return True
-        header = request.headers.get("authorization", "")
-        return secrets.compare_digest(header.encode(), f"Bearer {self.api_key}".encode())
 
     def max_body_bytes(self) -> int:
         return self.cfg.serve.max_input_tokens * MAX_CHARS_PER_TOKEN * 4 + (1 << 20)
@@ -69,7 +89,7 @@ class DertaIngress:
             return error_response(err)
         return error_response(result) if isinstance(result, Rejection) else result
 
-    async def stream(self, model: str | None, payload: dict, to_sse: Callable[[dict], list[str]]):
+    async def stream(self, model: str | None, payload: dict, to_sse: Callable[[dict], list[str]], rid: str = "-"):
         """Open a DertaModel stream; errors before its first event become normal HTTP errors."""
         from fastapi.responses import StreamingResponse
 
@@ -90,8 +110,8 @@ class DertaIngress:
                     for chunk in to_sse(event):
                         yield chunk
                 finished = True
-            except Exception as err:  # after the 200 header: report in-band
-                yield sse({"type": "error", "error": str(err)})
+            except Exception as err:  # after the 200 header: report in-band, without internals
+                yield sse(stream_error(err, rid))
             finally:
                 if not finished:
                     events.cancel()
@@ -106,24 +126,9 @@ class DertaIngress:
         return all(states)
 
 
-def relative_route(request) -> str:
-    path, root = request.url.path, request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):] or "/"
-    return path
-
-
-def content_length(request) -> int:
-    try:
-        return int(request.headers.get("content-length") or 0)
-    except ValueError:
-        return 0
-
-
 def build_api(ingress: DertaIngress):
     """The FastAPI app of one DertaIngress replica; routes close over it."""
-    from fastapi import FastAPI, Request
-
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
 
     api = FastAPI(title="derta", description="DeRTa refusal-aware generation, probe and OpenAI-compatible API")
@@ -131,24 +136,21 @@ def build_api(ingress: DertaIngress):
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
         """422 naming each bad field; the offending input is not echoed (it may be huge, NaN or binary)."""
-        return json_error(422, [{key: e[key] for key in ("loc", "msg", "type") if key in e} for e in err.errors()])
+        return validation_error(err.errors())
 
-    @api.middleware("http")
-    async def guard(request: Request, call_next):
-        route = relative_route(request)
-        if route != HEALTH_ROUTE and not ingress.authorized(request):
-            response = json_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        elif content_length(request) > ingress.max_body_bytes():
-            response = json_error(413, f"request body exceeds {ingress.max_body_bytes()} bytes")
-        else:
-            response = await call_next(request)
-        ingress.requests.inc(tags={"route": route if route in ROUTES else "other", "status": str(response.status_code)})
-        return response
-
+    api.add_middleware(Guard, api_key=ingress.api_key, max_body_bytes=ingress.max_body_bytes(),
+                       metrics=ingress.metrics)
     add_service_routes(api, ingress)
     add_derta_routes(api, ingress)
     add_openai_routes(api, ingress)
     return api
+
+
+def validation_error(errors: list[dict]):
+    """FastAPI's validation errors as one OpenAI error: every bad field in the message, the first as `param`."""
+    fields = [".".join(str(part) for part in e.get("loc", ()) if part != "body") or "body" for e in errors]
+    message = "; ".join(f"{name}: {e.get('msg', 'invalid')}" for name, e in zip(fields, errors))
+    return json_error(422, message or "invalid request body", fields[0] if fields else None, "invalid_value")
 
 
 def add_service_routes(api, ingress: DertaIngress) -> None:
@@ -160,7 +162,7 @@ def add_service_routes(api, ingress: DertaIngress) -> None:
     async def ready():
         if await ingress.ready():
             return {"status": "ready", "models": sorted(ingress.models)}
-        return json_error(503, "model not loaded yet")
+        return json_error(503, "model not loaded yet", code="not_ready")
 
     @api.get("/info")
     async def info():
@@ -171,14 +173,14 @@ def add_service_routes(api, ingress: DertaIngress) -> None:
 
 def add_derta_routes(api, ingress: DertaIngress) -> None:
     @api.post("/generate")
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         try:
             ingress.check_max_tokens(body.max_new_tokens, "max_new_tokens")
         except ServeError as err:
             return error_response(err)
         payload = body.model_dump(exclude={"model", "stream"})
         if body.stream:
-            return await ingress.stream(body.model, payload, lambda event: [sse(event)])
+            return await ingress.stream(body.model, payload, lambda event: [sse(event)], request_id(request.scope))
         return await ingress.call(body.model, "generate", payload)
 
     @api.post("/probe")

@@ -5,11 +5,14 @@ Pure pydantic: imported by the ingress (FastAPI validation, OpenAPI), the deploy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_CHARS_PER_TOKEN = 64  # text longer than max_input_tokens * this is rejected before tokenizing
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # stop matching costs O(longest stop) per decoding step
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Body(BaseModel):
@@ -42,7 +45,7 @@ class SamplingFields(Body):
 
 class GenerateRequest(PromptFields, SamplingFields):
     max_new_tokens: int = Field(64, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
 
 
 class VerifyRequest(Body):
@@ -56,25 +59,59 @@ class ProbeRequest(PromptFields):
     verify: VerifyRequest | None = None
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_LOGPROBS = 20
+# OpenAI fields we accept only with a value that changes nothing; any other value (or any other unknown field)
+# is a 400 that names it, never silently ignored. README "OpenAI coverage" lists the same.
+NO_OP_VALUES: dict[str, tuple] = {
+    "user": (), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+    "function_call": (None, "none"), "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"),
+    "store": (None, False), "metadata": (None, {}), "prediction": (None,), "audio": (None,),
+    "reasoning_effort": (None,),
+}
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
 class OpenAIFields(SamplingFields):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs, ...)
+    model_config = ConfigDict(extra="allow")  # unknown fields are checked by `unsupported_fields`, not dropped
     model: str
     temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: int = Field(1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def unsupported_fields(self) -> list[str]:
+        """Fields sent that this server does not implement (with a value other than a no-op)."""
+        extra = self.model_extra or {}
+        return [name for name, value in extra.items()
+                if name not in NO_OP_VALUES or (NO_OP_VALUES[name] and value not in NO_OP_VALUES[name])]
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | list[str] = Field(description="raw text (no chat template); one prompt per request")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+            description="raw text (no chat template) or token ids; one prompt or a batch of them")
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    def single_prompt(self) -> str | None:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        return self.prompt[0] if len(self.prompt) == 1 else None
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each entry a text or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -94,6 +131,21 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = Field(True, description="as in vLLM: end the prompt with the assistant header")
+    continue_final_message: bool = Field(
+        False, description="as in vLLM: the last (assistant) message is a prefill the model continues")
+
+    @model_validator(mode="after")
+    def _prefill(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false (as in vLLM)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class BuildArgs(BaseModel):
@@ -109,21 +161,23 @@ class Rejection:
     client errors cross the handle as plain values instead of logged tracebacks."""
 
     status_code: int
-    detail: Any
+    message: str
+    param: str | None = None
+    code: str | None = None
 
 
 class ServeError(Exception):
-    """An error with an HTTP status; DertaModel returns it to the ingress as a `Rejection`."""
+    """An error with an HTTP status and a message safe to show the client (OpenAI's error object)."""
 
-    def __init__(self, status_code: int, detail: Any):
-        super().__init__(status_code, detail)
-        self.status_code, self.detail = status_code, detail
+    def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status_code, message)
+        self.status_code, self.message, self.param, self.code = status_code, message, param, code
 
     def rejection(self) -> Rejection:
-        return Rejection(self.status_code, self.detail)
+        return Rejection(self.status_code, self.message, self.param, self.code)
 
 
-def field_error(loc: tuple, message: str) -> ServeError:
-    """A 422 shaped like FastAPI's validation errors, so clients see one format for every bad field."""
-    return ServeError(422, [{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
-
+def field_error(loc: tuple, message: str, status_code: int = 422) -> ServeError:
+    """A bad field: the message and `param` name it (dotted path, e.g. `verify.positions`)."""
+    param = ".".join(map(str, loc))
+    return ServeError(status_code, f"{param}: {message}", param=param, code="invalid_value")

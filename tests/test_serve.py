@@ -87,6 +87,7 @@ def sse_events(response) -> list:
 
 def assert_field_error(response, status: int, field: str, text: str | None = None) -> None:
     assert response.status_code == status, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
     body = json.dumps(response.json())
     assert field in body, body
     if text:
@@ -173,7 +174,7 @@ def test_health_is_open_and_everything_else_needs_the_key(client):
         for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             response = client.request(method, route, headers=headers, json={"prompt": "hi"})
             assert response.status_code == 401, (route, headers, response.text)
-            assert "API key" in response.json()["detail"]
+            assert "API key" in response.json()["error"]["message"]
 
 
 @pytest.mark.slow
@@ -182,10 +183,33 @@ def test_ready_and_info(client, tiny_path):
     info = client.get("/info").json()
     assert info["default_model"] == "derta" and set(info["models"]) == {"derta", "alias"}
     model = info["models"]["derta"]
-    assert model["path"] == tiny_path and model["adapter"] is None and model["ready"]
+    assert model["path"] == "/".join(tiny_path.split("/")[-2:]) and model["adapter"] is None and model["ready"]
+    assert tiny_path not in json.dumps(info) and "/tmp" not in json.dumps(info)  # no server paths
     assert model["refusal_tokens"] == ["Sorry"] and model["device"] == "cpu" and model["dtype"] == "float32"
     assert model["limits"]["max_input_tokens"] == MAX_INPUT_TOKENS
     assert model["limits"]["max_new_tokens"] == MAX_NEW_TOKENS
+
+
+@pytest.mark.slow
+def test_every_response_has_a_request_id(client):
+    responses = [client.get("/health"), client.get("/nope"), client.post("/generate", json={}),
+                 client.post("/generate", json={"prompt": "x", "max_new_tokens": 1}),
+                 client.post("/generate", json={"prompt": "x"}, headers={"Authorization": "no"})]
+    assert all(r.headers.get("x-request-id") for r in responses), [dict(r.headers) for r in responses]
+    mine = client.post("/generate", json={"prompt": "x", "max_new_tokens": 1}, headers={"X-Request-ID": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.slow
+def test_chunked_body_over_the_limit_is_refused_before_parsing(client):
+    def chunks():  # no Content-Length: the limit must count the bytes themselves
+        yield b'{"prompt": "x", "pad": "'
+        for _ in range(64):
+            yield b"y" * 65536
+        yield b'"}'
+
+    response = client.post("/generate", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", response.text
 
 
 # ============================================================================================ /generate
@@ -350,7 +374,13 @@ BAD_BODIES = [
                               "max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
     ("/v1/chat/completions", {"model": "derta", "messages": "hi"}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
-    ("/v1/completions", {"model": "derta", "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": "derta", "prompt": [[1, -2]]}, "prompt"),
+    ("/v1/completions", {"model": "derta", "prompt": [10**9]}, "prompt"),
+    ("/v1/completions", {"model": "derta", "prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": "derta", "prompt": "a", "logprobs": 21}, "logprobs"),
+    ("/v1/chat/completions", {"model": "derta", "messages": [{"role": "user", "content": "x"}],
+                              "continue_final_message": True, "add_generation_prompt": False},
+     "continue_final_message"),
     ("/v1/completions", {"model": "derta", "prompt": "a", "n": 2}, "n"),
 ]
 
@@ -364,10 +394,10 @@ def test_bad_fields_get_422_naming_the_field(client, route, body, field):
 @pytest.mark.slow
 def test_limits_unknown_models_and_junk_payloads(client):
     long_prompt = "bake the bread " * 200
-    assert_field_error(client.post("/generate", json={"prompt": long_prompt}), 413, "detail", str(MAX_INPUT_TOKENS))
-    assert_field_error(client.post("/probe", json={"prompt": "x", "response": long_prompt}), 413, "detail",
+    assert_field_error(client.post("/generate", json={"prompt": long_prompt}), 413, "message", str(MAX_INPUT_TOKENS))
+    assert_field_error(client.post("/probe", json={"prompt": "x", "response": long_prompt}), 413, "message",
                        f"max_input_tokens={MAX_INPUT_TOKENS}")
-    assert_field_error(client.post("/generate", json={"prompt": "x" * 10_000_000}), 413, "detail")
+    assert_field_error(client.post("/generate", json={"prompt": "x" * 10_000_000}), 413, "body_too_large")
     assert client.post("/generate", json={"prompt": "x", "model": "../../etc/passwd"}).status_code == 404
     assert client.post("/probe", json={"prompt": "x", "response": "y", "model": "nope"}).status_code == 404
     assert client.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
@@ -415,6 +445,8 @@ def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_
             slowest_200 = max(seconds for response, seconds in results if response.status_code == 200)
             assert all(seconds < slowest_200 for response, seconds in results if response.status_code == 503)
             assert any("overloaded" in response.text for response, _ in results if response.status_code == 503)
+            assert all(response.headers["retry-after"] == "1" and response.json()["error"]["type"]
+                       for response, _ in results if response.status_code == 503)
             assert http.get("/health").status_code == 200
             assert http.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     finally:

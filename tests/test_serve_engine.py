@@ -1,0 +1,109 @@
+"""serve/engine.py without Ray: batched generation with per-row sampling, stops, logprobs, and its isolation.
+
+Runs the real tiny model (random init, real tokenizer) in-process; every test here is a plain unit test.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_path):
+    from derta.modeling import load_model
+
+    return load_model(tiny_path).eval()
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+def test_tiny_temperature_is_greedy_and_never_fails_its_batch_mates(tiny_model, tokenizer):
+    """temperature=1e-300 passes validation; 1/T overflows, so it must decode greedily, not raise for the batch."""
+    from serve.engine import GenerationJob, run_generate
+
+    ids = prompt_ids(tokenizer, "How do I bake bread?")
+    jobs = [GenerationJob(ids, 8, temperature=1e-300), GenerationJob(ids, 8, temperature=1.0, seed=3),
+            GenerationJob(ids, 8, temperature=0.0), GenerationJob(ids, 8, temperature=5e-6, top_p=1e-9)]
+    results = run_generate(tiny_model, tokenizer, jobs)
+    assert [r["finish_reason"] for r in results] != ["error"] * 4
+    assert all("error" not in r for r in results), results
+    assert results[0]["token_ids"] == results[2]["token_ids"] == results[3]["token_ids"]
+
+
+def test_one_failing_row_ends_alone(tokenizer):
+    """A row whose sampling cannot proceed (non-finite logits) ends with an error; the other rows sample."""
+    import torch
+
+    from serve.engine import GenerationJob, RowDecoder, RowProcessor
+
+    jobs = [GenerationJob([1], 4, temperature=1.0, seed=0), GenerationJob([1], 4, temperature=1.0, seed=0),
+            GenerationJob([1], 4, temperature=0.0, logprobs=2)]
+    rows = [RowDecoder(tokenizer, job, eos_ids={-1}) for job in jobs]
+    scores = torch.randn(3, 50)
+    scores[1] = float("nan")
+    out = RowProcessor(rows)(None, scores.clone())
+    assert rows[1].finish_reason == "error" and "non-finite" in rows[1].error
+    assert not rows[0].finished and not rows[2].finished
+    assert (out[0] == 0).sum() == 1 and torch.isinf(out[0]).sum() == 49  # one-hot on row 0's draw
+    assert torch.equal(out[2], scores[2])  # a greedy row's scores are untouched
+    rows[2].push(int(scores[2].argmax()))
+    entry = rows[2].logprobs[0]
+    assert entry["logprob"] == pytest.approx(float(scores[2].log_softmax(-1).max()))
+    assert len(entry["top"]) == 2 and max(entry["top"].values()) == pytest.approx(entry["logprob"])
+
+
+def test_stop_matching_equals_naive_search_and_holds_back_partial_stops():
+    from serve.engine import StopMatcher
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        matcher = StopMatcher(stops)
+        text = ""
+        while True:
+            new_from = len(text)
+            text += "".join(rng.choice("abcd") for _ in range(rng.randint(1, 3)))
+            found = matcher.find(text, new_from)
+            naive = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+            assert found == naive, (stops, text)
+            if found is not None or len(text) > 40:
+                break
+            naive_held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            assert matcher.held_back(text) == naive_held, (stops, text)
+
+
+def test_decoding_is_incremental_not_quadratic(tokenizer):
+    """Each pushed token decodes a short window: total decoded tokens grow linearly with the length."""
+    from serve.engine import GenerationJob, RowDecoder
+
+    class CountingTokenizer:
+        decoded = 0
+
+        def decode(self, ids, **kwargs):
+            CountingTokenizer.decoded += len(ids)
+            return tokenizer.decode(ids, **kwargs)
+
+    ids = tokenizer.encode("the cake is ready now, bake the bread and explain water " * 20, add_special_tokens=False)
+    row = RowDecoder(CountingTokenizer(), GenerationJob([1], len(ids) + 1, stop=["x" * 256] * 16), eos_ids={-1})
+    for token in ids:
+        row.push(token)
+        row.take_delta()
+    assert row.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert CountingTokenizer.decoded <= 6 * len(ids), (CountingTokenizer.decoded, len(ids))
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    from pydantic import ValidationError
+
+    from serve.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest, GenerateRequest
+
+    GenerateRequest(prompt="x", stop=["a" * MAX_STOP_CHARS] * MAX_STOP_STRINGS)
+    for stop in (["a" * (MAX_STOP_CHARS + 1)], ["a"] * (MAX_STOP_STRINGS + 1), [""]):
+        with pytest.raises(ValidationError, match="stop"):
+            GenerateRequest(prompt="x", stop=stop)
+    for stop in ("a" * (MAX_STOP_CHARS + 1), ["a"] * (MAX_STOP_STRINGS + 1)):
+        with pytest.raises(ValidationError, match="stop"):
+            CompletionRequest(model="m", prompt="x", stop=stop)
