@@ -68,11 +68,13 @@ def greedy_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
 
 # ============================================================================================ openai client
 def test_completion_logprobs_and_echo_match_a_local_forward_pass(oai, local_model, tokenizer):
+    from derta.transforms import encode_prompt_text
+
     text = "the sky is blue because"
-    ids = tokenizer.encode(text, add_special_tokens=True)
+    ids = encode_prompt_text(tokenizer, text)  # how the server tokenizes every prompt (one BOS)
     scored = oai.completions.create(model="derta", prompt=text, max_tokens=0, echo=True, logprobs=3, temperature=0)
     lp = scored.choices[0].logprobs
-    assert scored.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert scored.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True) == text
     assert "".join(lp.tokens) == scored.choices[0].text and len(lp.tokens) == len(ids)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx(prompt_log_probs(local_model, ids), abs=1e-4)
@@ -94,7 +96,9 @@ def test_token_id_and_batched_prompts(oai, tokenizer):
               for t in texts]
     batched = oai.completions.create(model="derta", prompt=texts, max_tokens=8, temperature=0)
     assert [c.index for c in batched.choices] == [0, 1, 2] and [c.text for c in batched.choices] == single
-    ids = [tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    from derta.transforms import encode_prompt_text
+
+    ids = [encode_prompt_text(tokenizer, t) for t in texts]
     as_ids = oai.completions.create(model="derta", prompt=ids, max_tokens=8, temperature=0)
     assert [c.text for c in as_ids.choices] == single
     one = oai.completions.create(model="derta", prompt=ids[0], max_tokens=8, temperature=0)
@@ -109,7 +113,9 @@ def test_chat_prefill_continues_the_assistant_message(oai, local_model, tokenize
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True,
                                              add_generation_prompt=False)
     assert rendered.rstrip().endswith("Sure, first")
-    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    from derta.transforms import encode_prompt_text
+
+    ids = encode_prompt_text(tokenizer, rendered)
     assert chat.choices[0].message.content == greedy_text(local_model, tokenizer, ids, 8)
     assert chat.usage.prompt_tokens == len(ids)
 
