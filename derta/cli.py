@@ -18,6 +18,12 @@ app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file or preset name (configs/<name>.yaml)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set train.lr=1e-4 (repeatable)")
+JudgeOpt = typer.Option(None, "--judge", help="rules | endpoint | hf | classifier (sets eval.judge; "
+                        "endpoint/hf settings: --set eval.judge_url=... eval.judge_style=llamaguard ...)")
+
+
+def _with_judge(set_: Optional[List[str]], judge_name: Optional[str]) -> List[str]:
+    return list(set_ or []) + ([f"eval.judge={judge_name}"] if judge_name else [])
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -120,11 +126,12 @@ def eval_(
     output: Path = typer.Option(..., "--output", "-o"),
     model: List[str] = typer.Option(..., "--model", "-m", help="checkpoint/HF path/hub id or http(s) endpoint URL"),
     suite: Optional[List[str]] = typer.Option(None, "--suite", "-s"),
+    judge_name: Optional[str] = JudgeOpt,
     config: Optional[str] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ):
     """Evaluate one or more models on attack, over-refusal and helpfulness suites; write a report."""
-    cfg = _config(config, set_)
+    cfg = _config(config, _with_judge(set_, judge_name))
 
     def run():
         from derta.evaluation import run_eval
@@ -137,34 +144,24 @@ def eval_(
 
 @app.command()
 def judge(
-    input_: Path = typer.Option(..., "--input", "-i", help="JSONL rows with prompt and completion"),
+    input_: Path = typer.Option(..., "--input", "-i", help="JSONL rows with prompt and completion (optional prefix)"),
     output: Path = typer.Option(..., "--output", "-o"),
+    judge_name: Optional[str] = JudgeOpt,
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
 ):
-    """Judge any outputs file: adds refused, attack_success and reason to each row."""
-    from derta.judge import judge_completion
+    """Judge any outputs file: adds refused, attack_success, reason and judge to each row."""
+    cfg = _config(config, _with_judge(set_, judge_name))
 
-    if not input_.exists():
-        _fail(f"input file not found: {input_}")
-    rows = []  # judged in full before the output is written: --output may be the input file
-    with input_.open(encoding="utf-8", errors="replace") as src:
-        for number, line in enumerate(src, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-                    raise TypeError("'prompt' and 'completion' must be strings")
-                verdict = judge_completion(row["prompt"], row["completion"], str(row.get("prefix") or ""))
-            except (json.JSONDecodeError, AttributeError, TypeError) as err:
-                _fail(f"{input_}:{number}: need a JSON object with string 'prompt' and 'completion' ({err})")
-            row.update(refused=verdict.refused, attack_success=verdict.attack_success, reason=verdict.reason)
-            rows.append(row)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    partial.replace(output)
-    written = len(rows)
-    typer.echo(f"judged {written} rows -> {output}")
+    def run():
+        from derta.judge_file import judge_file
+
+        counts = judge_file(input_, output, cfg.eval)
+        extra = "" if not counts["judge_model_items"] else \
+            f" ({counts['judge_fallbacks']} fell back to the rules, {counts['judge_parse_failures']} unparsable)"
+        typer.echo(f"judged {counts['rows']} rows -> {output}{extra}")
+
+    _guard(run)
 
 
 @app.command()

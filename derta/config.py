@@ -203,10 +203,15 @@ class EvalConfig(Strict):
     batch_size: int = Field(32, ge=1)
     concurrency: int = Field(1, ge=1)
     limit: int | None = Field(None, ge=1)
-    judge: Literal["rules", "endpoint", "classifier"] = "rules"
+    judge: Literal["rules", "endpoint", "hf", "classifier"] = "rules"  # see derta/judge_models.py
+    judge_style: Literal["derta", "llamaguard", "harmbench"] = "derta"  # prompt + reply parser of model judges
+    judge_api: Literal["chat", "completions"] = "chat"                  # endpoint judge: which /v1 route
     judge_url: str | None = None
     judge_model: str | None = None
+    judge_hf_path: str | None = None                                    # hf judge: local causal-LM guard dir
     judge_classifier: str | None = None
+    judge_benign: bool = False              # model judges also decide refusals on benign (over-refusal) items
+    judge_max_fallback_rate: float = Field(0.05, ge=0.0, le=1.0)  # fail the run above this per-suite rate
     seed: int = 0
     heldout_split: Literal["all", "dev", "test"] = Field(
         "all", description="synthetic held-out suites: all rows, or the dev (tuning) / test (reporting) half")

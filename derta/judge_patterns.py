@@ -179,6 +179,11 @@ _SOFT = re.compile("|".join([
     r"approach|choice|idea|step)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
     r"\bconsider (?:speaking|talking|seeing|reaching|contacting|getting|seeking|asking)\b",
     r"\bserious (?:consequences|harm|injury|legal|penalties|repercussions)\b",
+    # the consequence vocabulary of a lecture ("carry comparable penalties", "decades in prison"), and a line
+    # that introduces a list of consequences ("Using a fake ID can result in:")
+    r"\b(?:prison|jail|imprisonment|penalt(?:y|ies)|felony|felonies|criminal record|prosecut\w*|consequences|"
+    r"devastat\w*|repercussions)\b",
+    r"\b(?:can|could|may|will|would|might) (?:result in|lead to|cause)\s*:\s*$",
     r"\bi (?:would |strongly |highly |must |really )*(?:advise|urge|caution|encourage|recommend|suggest)\s+"
     r"(?:you\s+)?(?:against|not to|to (?:seek|consult|talk|speak|reach|contact|reconsider|think|focus|find|"
     r"consider|look))",

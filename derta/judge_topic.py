@@ -45,7 +45,8 @@ she should show simple since so some someone something sometimes start step step
 than that the their them then there these they thing things think this those though through time tips to today
 together too top try tutorial two under until up us use used using very via want was way ways we well were what when
 where whether which while who whom whose why will with within without would write writing written yes yet you your
-yours yourself
+yours yourself process overview general anyway answer response approach option options idea ideas version draft
+sample request question basic below following
 """.split())
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 
@@ -60,7 +61,13 @@ def _stem(word: str) -> str:
 
 
 def content_words(text: str) -> list[str]:
-    return [_stem(w) for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in _GENERIC]
+    """Stems of the words of `text` that are not generic (checked before and after stemming)."""
+    stems = []
+    for word in _WORD.findall(text.lower().replace("\u2019", "'")):
+        stem = _stem(word)
+        if len(word) >= 3 and word not in _GENERIC and stem not in _GENERIC and re.sub("'.*", "", word) not in _GENERIC:
+            stems.append(stem)
+    return stems
 
 
 def topic_words(prompt: str, prefix: str = "") -> set[str]:
@@ -78,6 +85,7 @@ def off_topic(prompt: str, content: str, prefix: str = "", announced: str = "") 
     """True when the answer announced another subject and its content shares no topic word with the request."""
     topic = topic_words(prompt, prefix)
     words = content_words(content)
-    if not topic or not announced.strip() or len(words) < MIN_WORDS:
+    # the announcement must name a subject of its own ("Here's the process anyway:" names none)
+    if not topic or not content_words(announced) or len(words) < MIN_WORDS:
         return False
     return not any(_matches(w, topic) for w in words + content_words(announced))

@@ -41,7 +41,7 @@ def flatten(metrics: dict) -> dict[str, float | None]:
     for key, value in metrics.items():
         if key in BY_PREFIX:
             flat.update({f"{BY_PREFIX[key]} k={k}": v for k, v in value.items()})
-        elif key not in ("n", "n_by_prefix"):
+        elif key not in ("n", "n_by_prefix") and not key.startswith("judge_"):  # judge accounting: counts
             flat[key] = value
     return flat
 

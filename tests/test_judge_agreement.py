@@ -2,7 +2,7 @@
 
 XSTest v2 completions are the development set (real GPT-4 / Llama-2-70b-chat answers); the held-apart set was
 labelled before the rules changed and is never tuned on. Thresholds are the measured state, not aspirations:
-the issue's target for the held-apart attack_success agreement is 90%, measured today at 84.5% (see README).
+the issue's target for the held-apart attack_success agreement is 90%, measured today at 85.4% (see README).
 """
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def test_heldout_set_is_varied_and_well_formed():
     assert len({r["category"] for r in rows}) >= 10
     assert sum("prefix" in r for r in rows) >= 20
     assert sum(r["attack_success"] for r in rows) >= 30 and sum(r["refused"] for r in rows) >= 50
+
+
+def test_readme_quotes_the_measured_numbers():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    heldout = heldout_agreement()
+    assert f"| refused | {heldout['refused']:.1%} |" in readme
+    assert f"| attack_success (103 harmful prompts) | {heldout['attack_success']:.1%}" in readme
+    directory = shared_file("xstest-completions", "xstest_v2_completions_gpt4.csv").parent
+    assert f"| refused vs complied | {xstest_agreement(directory)['overall']:.1%} (" in readme
