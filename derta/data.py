@@ -36,6 +36,7 @@ from derta.schema import RECORD_COLUMNS, normalize_record
 from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_records, refusal_token_id
 
 RAW_COLUMNS = ("source", "line", "raw", "error", "source_index")
+SYNTHETIC_IN_PROCESS_ROWS = 50_000  # larger synthetic corpora are written by a child process
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4", ".br")  # what Arrow (and Ray Data's readers) decompress
 EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
                    "num_loss_tokens", "prefix_len")
@@ -338,10 +339,22 @@ def read_records(data: DataConfig, sources: list[SourceConfig]):
 
 
 def synthetic_sources(data: DataConfig, workdir: Path) -> list[SourceConfig]:
-    """Write the synthetic training splits to `workdir` and return them as sources."""
+    """Write the synthetic training splits to `workdir` and return them as sources.
+
+    A large corpus is generated in a child process: the generator holds every row (~0.7 GB per million rows),
+    which would otherwise stay in the driver's peak memory.
+    """
     from derta.synthetic import write_corpus
 
-    paths = write_corpus(workdir, **data.synthetic.model_dump())
+    synthetic = data.synthetic.model_dump()
+    if synthetic["n_helpful"] + synthetic["n_harmful"] + synthetic["n_lookalike"] <= SYNTHETIC_IN_PROCESS_ROWS:
+        paths = write_corpus(workdir, **synthetic)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            paths = pool.submit(write_corpus, workdir, **synthetic).result()
     return [SourceConfig(path=str(paths[split])) for split in ("train_helpful", "train_safety")]
 
 

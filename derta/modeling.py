@@ -55,6 +55,9 @@ def train_tiny_tokenizer(texts, vocab_size: int, refusal_string: str = "Sorry"):
     return tokenizer
 
 
+TOKENIZER_SAMPLE_ROWS = {"n_helpful": 40_000, "n_harmful": 10_000, "n_lookalike": 4_000}
+
+
 def build_tiny(model: ModelConfig, synthetic: SyntheticConfig, refusal_string: str = "Sorry") -> Path:
     """Build (once, cached by config hash) the tiny model + tokenizer and return its directory."""
     root = Path(os.path.expanduser(model.tiny_dir))
@@ -66,7 +69,10 @@ def build_tiny(model: ModelConfig, synthetic: SyntheticConfig, refusal_string: s
 
     from derta.synthetic import generate_corpus, tokenizer_training_texts
 
-    corpus = generate_corpus(**synthetic.model_dump())
+    # the BPE vocabulary saturates long before a large synthetic corpus ends: a million-row config trains it on a
+    # capped sample (the same rows for every config below the caps), so it costs the default's seconds and memory
+    sample = {name: min(getattr(synthetic, name), cap) for name, cap in TOKENIZER_SAMPLE_ROWS.items()}
+    corpus = generate_corpus(**synthetic.model_copy(update=sample).model_dump())
     tokenizer = train_tiny_tokenizer(tokenizer_training_texts(corpus), model.tiny.vocab_size, refusal_string)
     t = model.tiny
     config = LlamaConfig(

@@ -68,3 +68,16 @@ def test_training_mask_keeps_mode_kinds_and_samples_by_rate():
     assert mask[1::4].all() and not mask[2::4].any() and not mask[3::4].any()
     assert 200 < mask[0::4].sum() < 300
     assert np.array_equal(mask, training_mask(uids, kinds, {"helpful": 0.25, "rto": 1.0}, seed=1))
+
+
+def test_large_synthetic_corpus_is_written_by_a_child_process_with_the_same_rows(tiny_config, tmp_path, monkeypatch):
+    import derta.data as data
+
+    small = tiny_config.data.model_copy(update={"synthetic": tiny_config.data.synthetic.model_copy(
+        update={"n_helpful": 40, "n_harmful": 10, "n_lookalike": 5})})
+    in_process = data.synthetic_sources(small, tmp_path / "a")
+    monkeypatch.setattr(data, "SYNTHETIC_IN_PROCESS_ROWS", 0)
+    child = data.synthetic_sources(small, tmp_path / "b")
+    assert [s.path.replace("/b/", "/a/") for s in child] == [s.path for s in in_process]
+    for a, b in zip(in_process, child):
+        assert open(a.path).read() == open(b.path).read() and open(a.path).read().count("\n") > 0
