@@ -230,8 +230,10 @@ class ExperimentConfig(Strict):
     finetune_lr: float | None = Field(None, gt=0, description="fine-tune lr (default train.lr)")
     seeds: int = Field(3, ge=1, description="independent repetitions (model init, data order); mean + 95% interval")
     first_seed: int = Field(0, ge=0, description="seed of the first repetition (train.seed, model.tiny.seed)")
-    shared_base: bool = Field(True, description="pre-train the base once (first seed) and fine-tune it per seed, "
-                                                "as the paper does; false: a base per seed")
+    shared_base: bool = Field(True, description="pre-train the base once (with base_seed) and fine-tune it per "
+                                                "seed, as the paper does; false: a base per seed")
+    base_seed: int = Field(0, ge=0, description="seed of the shared base (independent of first_seed, so that "
+                                                "seeds run separately share it)")
 
 
 class DertaConfig(Strict):

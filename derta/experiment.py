@@ -13,7 +13,7 @@
 
 Seeds: the three fine-tunes and their evaluation run once per seed (`experiment.seeds`, default 3, from
 `experiment.first_seed`); a seed sets train.seed and data.seed (order, prefix lengths) and model.tiny.seed. With
-`experiment.shared_base` (the preset) the base is pre-trained once, with the first seed, as the paper fine-tunes
+`experiment.shared_base` (the preset) the base is pre-trained once, with `experiment.base_seed`, as the paper fine-tunes
 one pre-trained model; otherwise every seed pre-trains its own base from its own init. The corpus and the evaluation items are the same for every seed. Evaluation uses the held-out half
 `eval.heldout_split`: "test" (the preset) for reported numbers, "dev" for tuning and variants.
 
@@ -33,6 +33,7 @@ fine-tunes or the evaluation do not pre-train or re-evaluate what did not change
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -106,6 +107,11 @@ def training_key(cfg: DertaConfig) -> dict:
 
 def timed_training(cfg: DertaConfig, output: Path) -> dict:
     """Train (or reuse a finished run of the identical config in `output`); returns the run's record."""
+    with exclusive(output):
+        return _timed_training(cfg, output)
+
+
+def _timed_training(cfg: DertaConfig, output: Path) -> dict:
     from derta.trainer import run_training
 
     record_file, config = output / "experiment_run.json", training_key(cfg)
@@ -130,12 +136,28 @@ def evaluate(cfg: DertaConfig, name: str, run: dict, output: Path) -> tuple[dict
     key_file = output / "experiment_eval.json"
     key = {"model": name, "training": run["config_key"], "eval": cfg.eval.model_dump(mode="json"),
            "synthetic": cfg.data.synthetic.model_dump(mode="json")}
-    if key_file.exists() and json.loads(key_file.read_text()) == key and (output / "summary.json").exists():
-        return (json.loads((output / "summary.json").read_text())[name],
-                json.loads((output / "curves.json").read_text())[name])
-    summary = run_eval(cfg, [f"{name}={run['checkpoint']}"], EXPERIMENT_SUITES, output)
-    key_file.write_text(json.dumps(key, indent=2))
-    return summary[name], json.loads((output / "curves.json").read_text())[name]
+    with exclusive(output):  # two experiments sharing a base (e.g. seeds run in parallel) evaluate it once
+        if key_file.exists() and json.loads(key_file.read_text()) == key and (output / "summary.json").exists():
+            return (json.loads((output / "summary.json").read_text())[name],
+                    json.loads((output / "curves.json").read_text())[name])
+        key_file.unlink(missing_ok=True)
+        summary = run_eval(cfg, [f"{name}={run['checkpoint']}"], EXPERIMENT_SUITES, output)
+        key_file.write_text(json.dumps(key, indent=2))
+        return summary[name], json.loads((output / "curves.json").read_text())[name]
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path):
+    """An exclusive lock on `directory` (a lock file in it) for the duration of the block."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".experiment.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_seed(cfg: DertaConfig, paths: dict[str, Path], output: Path, base: dict | None) -> dict:
@@ -176,7 +198,7 @@ def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
     paths = write_corpus_files(cfg, output / "data")
     base = None
     if cfg.experiment.shared_base:  # one base model, as the paper fine-tunes one pre-trained model per seed
-        base_cfg = seeded(cfg, cfg.experiment.first_seed)
+        base_cfg = seeded(cfg, cfg.experiment.base_seed)
         base = timed_training(base_config(base_cfg, paths), output / "base" / "run")
         base["eval_dir"] = str(output / "base" / "eval")
     per_seed = {}
