@@ -27,9 +27,10 @@ Output:
     DIR/intervals.json                 the same shape, [low, high] 95% t interval over seeds (null for one seed)
     DIR/items/<model>/<suite>.jsonl    every seed's items, with a `seed` field
     DIR/curves.json, DIR/report.md + PNGs, DIR/experiment.json (config, steps, timings per seed)
-A finished training run whose config is unchanged is reused (`experiment_run.json`), and so is an evaluation
-whose model and evaluation config are unchanged (`experiment_eval.json`): variants that change only the
-fine-tunes or the evaluation do not pre-train or re-evaluate what did not change. The preset is `configs/experiment.yaml`.
+A finished training run whose config is unchanged is reused (`experiment_run.json`), and so are the completions
+of an evaluation whose model and generation settings are unchanged (`experiment_eval.json`; they are judged
+again with the current judge): variants that change only the fine-tunes, the judge or the report do not pre-train
+or generate again what did not change. The preset is `configs/experiment.yaml`.
 """
 from __future__ import annotations
 
@@ -91,10 +92,10 @@ def arm_config(cfg: DertaConfig, paths: dict[str, Path], base: Path, mode: str,
 
 
 def training_key(cfg: DertaConfig) -> dict:
-    """What determines a training run: not the eval / experiment sections (a tuning run on the dev split and the
-    reported run on the test split share their trainings), not RTO settings without RTO examples, not the
+    """What determines a training run: the data, model and train sections (not eval: a tuning run on the dev split
+    and the reported run on the test split share their trainings), not RTO settings without RTO examples, not the
     prefix-length distribution in vanilla (always k = 0)."""
-    key = cfg.model_dump(mode="json", exclude={"eval", "experiment"})
+    key = cfg.model_dump(mode="json", include={"data", "model", "train"})
     if cfg.data.mode != "derta":
         key["train"].pop("rto_weight", None)
         key["train"].pop("rto_keep_fraction", None)
@@ -128,22 +129,52 @@ def _timed_training(cfg: DertaConfig, output: Path) -> dict:
     return {**result, "config_key": config}
 
 
+# the evaluation settings that decide the completions; the judging is redone whenever an evaluation is reused
+GENERATION_FIELDS = ("data_dir", "prefill_ks", "max_new_tokens", "limit", "seed", "heldout_split", "torch_threads")
+
+
+def evaluation_key(cfg: DertaConfig, name: str, run: dict) -> dict:
+    return {"model": name, "training": run["config_key"], "synthetic": cfg.data.synthetic.model_dump(mode="json"),
+            "generation": {f: v for f, v in cfg.eval.model_dump(mode="json").items() if f in GENERATION_FIELDS}}
+
+
 def evaluate(cfg: DertaConfig, name: str, run: dict, output: Path) -> tuple[dict, list]:
-    """({suite: metrics}, refusal curve) of one trained model, evaluated into `output` (a `derta eval` dir), or
-    reused from there when the model's training config and the evaluation config are unchanged."""
+    """({suite: metrics}, refusal curve) of one trained model, evaluated into `output` (a `derta eval` dir). When
+    the model's training and the generation settings are unchanged, the stored completions are reused and only
+    judged again (`rejudge`: the current judge and coherence rule)."""
     from derta.evaluation import run_eval
 
-    key_file = output / "experiment_eval.json"
-    key = {"model": name, "training": run["config_key"], "eval": cfg.eval.model_dump(mode="json"),
-           "synthetic": cfg.data.synthetic.model_dump(mode="json")}
+    key_file, key = output / "experiment_eval.json", evaluation_key(cfg, name, run)
     with exclusive(output):  # two experiments sharing a base (e.g. seeds run in parallel) evaluate it once
         if key_file.exists() and json.loads(key_file.read_text()) == key and (output / "summary.json").exists():
-            return (json.loads((output / "summary.json").read_text())[name],
-                    json.loads((output / "curves.json").read_text())[name])
+            return rejudge(cfg, name, output), json.loads((output / "curves.json").read_text())[name]
         key_file.unlink(missing_ok=True)
         summary = run_eval(cfg, [f"{name}={run['checkpoint']}"], EXPERIMENT_SUITES, output)
         key_file.write_text(json.dumps(key, indent=2))
         return summary[name], json.loads((output / "curves.json").read_text())[name]
+
+
+def rejudge(cfg: DertaConfig, name: str, output: Path) -> dict:
+    """Judge the stored completions of `output`/items/<name>/ again; rewrites the items and summary.json."""
+    from derta.evaluation import item_record, metric_kind, rounded, suite_metrics, write_jsonl
+    from derta.judge_models import make_judge
+    from derta.suites import EvalItem
+
+    judge, metrics = make_judge(cfg.eval), {}
+    for suite in EXPERIMENT_SUITES:
+        path = output / "items" / name / f"{suite}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        items = [EvalItem(id=r["id"], suite=r["suite"], prompt=r["prompt"], prefix=r["prefix"],
+                          reference=r["reference"], kind=r["kind"], meta={"k": r["k"]}) for r in rows]
+        completions = [r["completion"] for r in rows]
+        records = [item_record(item, completion, verdict, judge_name) for item, completion, (verdict, judge_name)
+                   in zip(items, completions, judge.judge_items(items, completions))]
+        write_jsonl(path, records)
+        metrics[suite] = rounded(suite_metrics(metric_kind(suite), records))
+    summary = json.loads((output / "summary.json").read_text())
+    summary[name] = metrics
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return metrics
 
 
 @contextlib.contextmanager
