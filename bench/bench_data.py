@@ -26,11 +26,19 @@ timed corpus (so that every Ray worker has loaded the tokenizer), HF on a small 
 the tokenizer the parent loaded). The machine is shared: hf_datasets, ray_data (and ray_tasks) alternate --repeats
 times (ABCABC) and each keeps its best run (contention only adds time); every run is printed, with the load average.
 Throughput is SOURCE rows/s (JSONL lines in); examples/s (rows out) is printed too. The ratio is printed last.
+
+Memory: the corpus is written by a child process, Ray runs first, and the bench process's peak RSS
+(getrusage RUSAGE_SELF) is printed after the Ray runs: the Ray Data driver's peak (Ray workers, raylet and the
+object store are other processes). HF's peak is its map workers' (RUSAGE_CHILDREN after the HF runs).
+1M rows (~25 min on a quiet 2-core box): --helpful 1060000 --harmful 118000 --repeats 1 --skip-np1 --skip-conc1
+--skip-tasks (the train splits then hold ~1.0M source rows; Ray warms up on the small corpus above 100K rows).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -140,8 +148,9 @@ def main() -> None:
     tokenizer_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     tmp = Path(tempfile.mkdtemp(prefix="derta-bench-data-"))
     try:
-        corpus = write_corpus(tmp / "corpus", n_helpful=args.helpful, n_harmful=args.harmful,
-                              n_lookalike=args.lookalike)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # the generator's rows never enter this process
+            corpus = pool.apply(write_corpus, (tmp / "corpus",), dict(n_helpful=args.helpful, n_harmful=args.harmful,
+                                                                      n_lookalike=args.lookalike))
         warm = write_corpus(tmp / "warm", n_helpful=1200, n_harmful=800, n_lookalike=100)
         paths = [str(corpus["train_helpful"]), str(corpus["train_safety"])]
         warm_paths = [str(warm["train_helpful"]), str(warm["train_safety"])]
@@ -165,7 +174,7 @@ def main() -> None:
         started = time.perf_counter()
         # the timed corpus, not the small one: a Ray Data execution runs one task at a time for its first ~1 s (its
         # executor learns the cluster's CPUs asynchronously), so a short warm-up loads the tokenizer into one worker
-        run_ray(paths, cfg, tokenizer_path, tmp / "ray_warm")
+        run_ray(paths if n_rows <= 100_000 else warm_paths, cfg, tokenizer_path, tmp / "ray_warm")
         if not args.skip_tasks:
             run_ray_tasks(paths, cfg, tokenizer_path)
         # num_proc=1 loads the tokenizer into this process, so the forked map workers inherit it, as warm as Ray's
@@ -184,13 +193,16 @@ def main() -> None:
         runs: dict[str, list[tuple[float, dict]]] = {"hf_datasets": [], "ray_data": []}
         if not args.skip_tasks:
             runs["ray_tasks"] = []
+        ray_rss = hf_rss = 0
         for repeat in range(args.repeats):
-            runs["hf_datasets"].append(run_hf(paths, cfg, tokenizer_path, args.num_proc, tmp / "hf_cache"))
-            print(f"run {repeat + 1}: hf_datasets (num_proc={args.num_proc}) {runs['hf_datasets'][-1][0]:.2f}s "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
             runs["ray_data"].append(run_ray(paths, cfg, tokenizer_path, tmp / "ray"))
+            ray_rss = ray_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # before any HF run
             print(f"run {repeat + 1}: {labels['ray_data']} "
                   f"{runs['ray_data'][-1][0]:.2f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+            runs["hf_datasets"].append(run_hf(paths, cfg, tokenizer_path, args.num_proc, tmp / "hf_cache"))
+            hf_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+            print(f"run {repeat + 1}: hf_datasets (num_proc={args.num_proc}) {runs['hf_datasets'][-1][0]:.2f}s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
             if not args.skip_tasks:
                 runs["ray_tasks"].append(run_ray_tasks(paths, cfg, tokenizer_path))
                 print(f"run {repeat + 1}: {labels['ray_tasks']} {runs['ray_tasks'][-1][0]:.2f}s "
@@ -226,6 +238,8 @@ def main() -> None:
         if "ray_tasks" in rate:
             print(f"ratio ray_tasks/hf_datasets = {rate['ray_tasks'] / rate['hf_datasets']:.2f}x (diagnostic: the "
                   "same pieces without the Ray Data executor)")
+        print(f"peak RSS: ray_data driver (this process, before any HF run) {ray_rss:.0f} MB; hf_datasets map workers "
+              f"{hf_rss:.0f} MB")
         print(f"baseline hf_datasets = datasets.map(batched=True, num_proc={args.num_proc})")
         print(f"ratio ray_data/hf_datasets = {rate['ray_data'] / rate['hf_datasets']:.2f}x")
     finally:
