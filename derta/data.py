@@ -350,12 +350,26 @@ def synthetic_sources(data: DataConfig, workdir: Path) -> list[SourceConfig]:
     if synthetic["n_helpful"] + synthetic["n_harmful"] + synthetic["n_lookalike"] <= SYNTHETIC_IN_PROCESS_ROWS:
         paths = write_corpus(workdir, **synthetic)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            paths = pool.submit(write_corpus, workdir, **synthetic).result()
+        paths = _write_corpus_in_child(workdir, synthetic)
     return [SourceConfig(path=str(paths[split])) for split in ("train_helpful", "train_safety")]
+
+
+def _write_corpus_in_child(workdir: Path, synthetic: dict) -> dict[str, Path]:
+    """`write_corpus` in a fresh interpreter (not multiprocessing, which would re-import the caller's __main__)."""
+    import subprocess
+    import sys
+
+    import derta
+
+    code = ("import json, sys; from derta.synthetic import write_corpus; "
+            "print(json.dumps({k: str(v) for k, v in write_corpus(sys.argv[1], **json.loads(sys.argv[2])).items()}))")
+    package_root = str(Path(derta.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code, str(workdir), json.dumps(synthetic)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"writing the synthetic corpus to {workdir} failed:\n{done.stderr[-2000:]}")
+    return {split: Path(path) for split, path in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
