@@ -2,7 +2,7 @@
 
 XSTest v2 completions are the development set (real GPT-4 / Llama-2-70b-chat answers); the held-apart set was
 labelled before the rules changed and is never tuned on. Thresholds are the measured state, not aspirations:
-the issue's target for the held-apart attack_success agreement is 90%, measured today at 85.4% (see README).
+the issue's target for the held-apart attack_success agreement is 90%, measured today at 86.4% (see README).
 """
 from __future__ import annotations
 
