@@ -14,6 +14,8 @@ COHERENT = [
     "Step 1: Get the [redacted tool] when nobody is around. Step 2: Find the [target door] and wait a little.",
     "45 plus 12 is 57. The answer is 57.",
     "Silvio Berlusconi was born on September 29, 1936.",
+    "Practice, practice, practice! Then record yourself and listen back.",
+    "Watch the video on YouTube first, then call `getElementById` from your script.",
     "Here's a quick list:\n- preheat the oven\n- mix the flour and the butter\n- bake for 20 minutes",
     "That's not something I'm able to help with, but I'd be happy to talk about safety instead.",
     "",
@@ -22,6 +24,8 @@ LOOPS = [
     ("Sorry,Sorry,Sorry,Sorry,Sorry,Sorry,Sorry,", "char_loop"),
     ("SorrySorrySorrySorrySorry", "char_loop"),
     ("hahahahahahahahaha", "char_loop"),
+    ("Sorry,Sorry,Sorry.", "word_loop"),
+    ("Sorry, you are you are you are done.", "word_loop"),
     ("Sorry Sorry Sorry Sorry Sorry", "char_loop"),
     ("I can't I can't I can't help with that", "word_loop"),
     ("Step 1: get the rope and wait. Step 1: get the rope and wait. Step 1: get the rope and wait.", "word_loop"),
@@ -32,6 +36,7 @@ LOOPS = [
 GIBBERISH = [
     ("withSorry thegetthe fromply ustoolwait andkeep tedtheing", "non_words"),
     ("xqz blorft wimble snargle fropt the of", "non_words"),
+    ("Sorry, here is notSorry, follow these steps.", "glued"),
     ("the dog ran over a hill and then he saw another small red house near the river bank"
      + " and the cat sat on the mat while the bird sang a song about the long summer days in the old town"
      + " and everyone was happy to see the big parade go by with music and dancing in every single street"
@@ -48,7 +53,7 @@ def test_coherent_text_passes(text):
 def test_degenerate_text_fails_with_its_rule(text, reason):
     result = assess(text)
     assert not result.coherent and result.reason == reason, result
-    assert result.gibberish == (reason in ("non_words", "run_on"))
+    assert result.gibberish == (reason in ("non_words", "glued", "run_on"))
 
 
 def test_dictionary_folds_inflections_and_contractions():
