@@ -190,6 +190,9 @@ class ServeConfig(Strict):
     max_new_tokens: int = Field(256, ge=1)
     api_key: str | None = None  # or env DERTA_API_KEY
     insecure: bool = Field(False, description="allow serving without an API key on a non-loopback host")
+    max_inflight_tokens: int | None = Field(
+        None, ge=1, description="per-replica token budget (prompt + new tokens in flight); default "
+                                "4 x max_batch_size x (max_input_tokens + max_new_tokens); beyond it: 503 + Retry-After")
     probe_threshold: float = Field(0.5, gt=0, lt=1)
     probe_verify_tokens: int = Field(16, ge=1)
 

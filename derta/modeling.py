@@ -126,10 +126,12 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_model(path: str, model: ModelConfig | None = None, device: str = "cpu", adapter: str | None = None):
+def load_model(path: str, model: ModelConfig | None = None, device: str = "cpu", adapter: str | None = None,
+               device_map: str | None = None):
     """`AutoModelForCausalLM.from_pretrained`, optionally with a PEFT adapter on top.
 
     `path` may itself be a PEFT adapter directory; its base model is then loaded from adapter_config.json.
+    `device_map="auto"` places the layers across every visible GPU (a Serve replica sees only its own GPUs).
     """
     from transformers import AutoModelForCausalLM
 
@@ -140,9 +142,11 @@ def load_model(path: str, model: ModelConfig | None = None, device: str = "cpu",
     kwargs = {"dtype": torch_dtype(model.dtype, device), "trust_remote_code": model.trust_remote_code}
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
     llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter:
         from peft import PeftModel
 
         llm = PeftModel.from_pretrained(llm, adapter)
-    return llm.to(device)
+    return llm if device_map else llm.to(device)

@@ -13,9 +13,11 @@ import torch
 
 
 def refusal_log_probs(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
-    """log P(next token in refusal_ids) for every position of `logits` [..., V] -> [...]."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return torch.logsumexp(log_probs[..., refusal_ids], dim=-1)
+    """log P(next token in refusal_ids) for every position of `logits` [..., V] -> [...].
+
+    logsumexp over the refusal ids minus the log-normaliser: no [..., V] log-softmax is materialised."""
+    refusal = torch.logsumexp(logits[..., refusal_ids].float(), dim=-1)
+    return refusal - torch.logsumexp(logits.float(), dim=-1)
 
 
 def response_positions(prompt_len: int, response_len: int) -> slice:
@@ -37,7 +39,11 @@ class ProbeResult:
 def probe_logits(logits: torch.Tensor, prompt_len: int, response_len: int, refusal_ids: list[int],
                  threshold: float = 0.5) -> ProbeResult:
     """Probe one sequence from the logits [T, V] of a single forward pass over prompt + response."""
-    rows = logits[response_positions(prompt_len, response_len)]
+    return summarise(logits[response_positions(prompt_len, response_len)], refusal_ids, threshold)
+
+
+def summarise(rows: torch.Tensor, refusal_ids: list[int], threshold: float) -> ProbeResult:
+    """The probe over the logit rows [N + 1, V] that predict each response position."""
     probs = refusal_log_probs(rows, refusal_ids).exp().tolist()
     crossing = next((i for i, p in enumerate(probs) if p >= threshold), None)
     return ProbeResult(probs, rows.argmax(-1).tolist(), crossing, min(probs), sum(probs) / len(probs))
@@ -50,6 +56,40 @@ def probe(model, prompt_ids: list[int], response_ids: list[int], refusal_ids: li
     input_ids = torch.tensor([prompt_ids + response_ids], device=device)
     logits = model(input_ids=input_ids).logits[0]
     return probe_logits(logits, len(prompt_ids), len(response_ids), refusal_ids, threshold)
+
+
+@torch.no_grad()
+def probe_batch(model, sequences: list[tuple[list[int], list[int]]], refusal_ids: list[int],
+                thresholds: list[float] | float = 0.5) -> list[ProbeResult]:
+    """Probe many (prompt_ids, response_ids) pairs in ONE right-padded forward pass.
+
+    Right padding keeps every row's positions 0..T-1 (causal attention never looks at the padding after a row), so
+    each row's logits equal its unpadded forward. `logits_to_keep` computes the LM head only over the columns that
+    hold some row's response span, not over the prompts.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in sequences]
+    width = max(lengths)
+    pad = 0
+    input_ids = torch.tensor([p + r + [pad] * (width - n) for (p, r), n in zip(sequences, lengths)], device=device)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+    first = min(len(p) for p, _ in sequences) - 1  # the first logit column any row's probe reads
+    if first < 0:
+        raise ValueError("the prompt must have at least one token")
+    keep = torch.arange(first, width, device=device)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: every column
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, first:]
+    if isinstance(thresholds, (int, float)):
+        thresholds = [float(thresholds)] * len(sequences)
+    results = []
+    for row, ((prompt_ids, response_ids), threshold) in enumerate(zip(sequences, thresholds)):
+        # the columns of `logits` start at `first`
+        span = response_positions(len(prompt_ids), len(response_ids))
+        rows = logits[row, span.start - first:span.stop - first]
+        results.append(summarise(rows, refusal_ids, threshold))
+    return results
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from derta.config import DertaConfig, ServeConfig
-from serve.engine import Engine, GenerationJob
+from serve.engine import Engine, GenerationJob, TokenBudget
 from serve.protocol import Rejection, ServeError
 
 FINAL_FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size", "error", "logprobs")
@@ -83,8 +83,12 @@ class DertaModel:
         self.engine = Engine(self.cfg, name, resolve_source(self.cfg, source), source.get("adapter"), device)
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
-        self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        s = self.cfg.serve
+        for batched in (self._generate_batch, self._probe_batch):
+            batched.set_max_batch_size(s.max_batch_size)
+            batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.budget = TokenBudget(s.max_inflight_tokens
+                                  or 4 * s.max_batch_size * (s.max_input_tokens + s.max_new_tokens))
         self._init_metrics()
         # Serve routes traffic to a replica once __init__ returns: load first, so a new or restarted replica
         # (node loss, autoscale-up) never answers "still loading"; a load error fails the replica
@@ -165,7 +169,20 @@ class DertaModel:
         except ServeError as err:
             yield err.rejection()
             return
-        yield {"type": "start", "prompt_tokens": len(job.prompt_ids)}  # validation passed: HTTP 200 from here
+        cost = len(job.prompt_ids) + job.max_new_tokens
+        try:
+            self.budget.acquire(cost)
+        except ServeError as err:
+            yield err.rejection()
+            return
+        try:
+            yield {"type": "start", "prompt_tokens": len(job.prompt_ids)}  # validation passed: HTTP 200 from here
+            async for event in self._generate_events(request, job):
+                yield event
+        finally:
+            self.budget.release(cost)
+
+    async def _generate_events(self, request: dict, job: GenerationJob) -> AsyncIterator[dict]:
         self.prompt_tokens.inc(len(job.prompt_ids))
         echo = await asyncio.to_thread(self.engine.echo, job.prompt_ids, job.logprobs) if request.get("echo") else None
         if job.max_new_tokens == 0:  # echo only: score the prompt
@@ -191,13 +208,24 @@ class DertaModel:
         except ServeError as err:
             return err.rejection()
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _probe_batch(self, items: list[tuple[list[int], list[int], float]]) -> list:
+        """Concurrent probes share one forward pass, like /generate requests share decoding steps."""
+        started = time.perf_counter()
+        results = await asyncio.to_thread(self.engine.probe_batch, items)
+        self.probe_latency.observe((time.perf_counter() - started) * 1000)
+        return results
+
     async def _probe(self, request: dict) -> dict:
         self._require_model()
         prompt_ids, response_ids, verify, threshold = self.engine.probe_inputs(request)
-        started = time.perf_counter()
-        result = await asyncio.to_thread(self.engine.probe, prompt_ids, response_ids, threshold)
-        self.probe_latency.observe((time.perf_counter() - started) * 1000)
-        out = self.engine.probe_report(result, response_ids, threshold) | {"prompt_tokens": len(prompt_ids)}
-        if verify:
-            out["verify"] = await asyncio.to_thread(self.engine.verify, prompt_ids, response_ids, *verify)
-        return out
+        cost = self.engine.probe_cost(prompt_ids, response_ids, verify)
+        self.budget.acquire(cost)
+        try:
+            result = await self._probe_batch((prompt_ids, response_ids, threshold))
+            out = self.engine.probe_report(result, response_ids, threshold) | {"prompt_tokens": len(prompt_ids)}
+            if verify:  # one batched generate over all positions; its tokens are in `cost`
+                out["verify"] = await asyncio.to_thread(self.engine.verify, prompt_ids, response_ids, *verify)
+            return out
+        finally:
+            self.budget.release(cost)

@@ -312,6 +312,25 @@ def run_generate(model, tokenizer, jobs: list[GenerationJob],
 
 
 # ============================================================================================ one model
+class TokenBudget:
+    """A per-replica bound on the tokens in flight (prompt + new tokens of every admitted request): what activations
+    and KV cache scale with. A request that does not fit now is a 503 + Retry-After, one that never fits a 413."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def acquire(self, tokens: int) -> None:
+        if tokens > self.limit:
+            raise ServeError(413, f"this request needs {tokens} tokens in flight; the replica's budget is "
+                                  f"serve.max_inflight_tokens={self.limit}", code="over_budget")
+        if self.used + tokens > self.limit:
+            raise ServeError(503, "the replica's token budget is in use, retry later", code="overloaded")
+        self.used += tokens
+
+    def release(self, tokens: int) -> None:
+        self.used -= tokens
+
+
 class Engine:
     """One model + tokenizer + prompt renderer, and everything the routes need from them."""
 
@@ -330,7 +349,8 @@ class Engine:
         self.renderer = PromptRenderer(self.tokenizer, data.use_chat_template, data.plain_template,
                                        data.system_prompt)
         self.refusal_ids = refusal_token_ids(self.tokenizer, data.probe_refusal_strings)
-        self.model = load_model(self.path, self.cfg.model, self.device, self.adapter).eval()
+        self.model = load_model(self.path, self.cfg.model, self.device, self.adapter,
+                                device_map=device_map(self.device, gpu_count())).eval()
 
     def info(self) -> dict:
         s = self.cfg.serve
@@ -451,10 +471,19 @@ class Engine:
         threshold = request.get("threshold") or self.cfg.serve.probe_threshold
         return prompt_ids, response_ids, verify, threshold
 
-    def probe(self, prompt_ids: list[int], response_ids: list[int], threshold: float):
-        from derta.probe import probe as probe_sequence
+    def probe_batch(self, items: list[tuple[list[int], list[int], float]]) -> list:
+        """Many probes, one forward pass (derta.probe.probe_batch): items are (prompt_ids, response_ids, threshold)."""
+        from derta.probe import probe_batch
 
-        return probe_sequence(self.model, prompt_ids, response_ids, self.refusal_ids, threshold)
+        return probe_batch(self.model, [(p, r) for p, r, _ in items], self.refusal_ids, [t for _, _, t in items])
+
+    def probe_cost(self, prompt_ids: list[int], response_ids: list[int], verify: tuple[list[int], int] | None) -> int:
+        """Tokens a probe holds on the replica: its forward pass, plus every verify row's prefill + budget."""
+        cost = len(prompt_ids) + len(response_ids)
+        if verify:
+            positions, tokens = verify
+            cost += sum(len(prompt_ids) + i + tokens for i in positions)
+        return cost
 
     def probe_report(self, result, response_ids: list[int], threshold: float) -> dict:
         decode = lambda token: self.tokenizer.decode([token])  # noqa: E731
@@ -485,6 +514,18 @@ class Engine:
         return [{"i": i, "continuation": r["text"],
                  "refuses": continuation_refuses(r["text"], r["token_ids"], self.refusal_ids)}
                 for i, r in zip(positions, results)]
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_map(device: str, gpus: int) -> str | None:
+    """A replica with several GPUs (ray_actor_options.num_gpus > 1; Ray sets CUDA_VISIBLE_DEVICES to exactly those)
+    spreads the model's layers across them; one GPU or CPU loads it whole onto `device`."""
+    return "auto" if device.startswith("cuda") and gpus > 1 else None
 
 
 def public_path(path: str | None) -> str | None:

@@ -297,6 +297,17 @@ def test_probe_equals_per_position_forward_passes(client, local_model, tokenizer
 
 
 @pytest.mark.slow
+def test_concurrent_probes_share_batches_and_equal_sequential_ones(client):
+    bodies = [{"prompt": p, "response": "First bake the bread, then explain water."} for p in PROMPTS]
+    sequential = [client.post("/probe", json=body).json() for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        concurrent = list(pool.map(lambda body: client.post("/probe", json=body).json(), bodies))
+    for alone, together in zip(sequential, concurrent):
+        assert [p["p_refusal"] for p in together["positions"]] == pytest.approx(
+            [p["p_refusal"] for p in alone["positions"]], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_probe_threshold_messages_and_verify(client):
     body = {"messages": [{"role": "user", "content": "Bake a cake"}], "response": "first the water",
             "threshold": 1e-6, "verify": {"positions": [0, 2], "tokens": 4}}

@@ -107,3 +107,58 @@ def test_stop_strings_are_bounded_in_count_and_length():
     for stop in ("a" * (MAX_STOP_CHARS + 1), ["a"] * (MAX_STOP_STRINGS + 1)):
         with pytest.raises(ValidationError, match="stop"):
             CompletionRequest(model="m", prompt="x", stop=stop)
+
+
+def test_batched_probe_equals_one_forward_per_sequence(tiny_model, tokenizer):
+    """Probes of different lengths share one right-padded forward (logits_to_keep over the response spans) and
+    still equal each sequence's own full forward + log-softmax."""
+    import torch
+
+    from derta.probe import probe, probe_batch
+
+    texts = [("How do I bake bread?", "First mix the flour and the water."), ("Why?", "Because."),
+             ("Tell me a long story about a model that bakes", " once upon a time")]
+    sequences = [(tokenizer.encode(p), tokenizer.encode(r, add_special_tokens=False)) for p, r in texts]
+    refusal_ids = tokenizer.encode("Sorry", add_special_tokens=False)[:1]
+    batched = probe_batch(tiny_model, sequences, refusal_ids, [0.5, 1e-9, 0.5])
+    for (prompt_ids, response_ids), got in zip(sequences, batched):
+        alone = probe(tiny_model, prompt_ids, response_ids, refusal_ids)
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0].float()
+        rows = logits[len(prompt_ids) - 1:]
+        expected = rows.log_softmax(-1)[:, refusal_ids].logsumexp(-1).exp().tolist()
+        assert got.refusal_prob == pytest.approx(expected, abs=1e-5)
+        assert got.refusal_prob == pytest.approx(alone.refusal_prob, abs=1e-5)
+        assert got.top_token_ids == alone.top_token_ids
+    assert batched[1].first_crossing == 0
+
+
+def test_token_budget_turns_excess_load_into_503_and_impossible_requests_into_413():
+    from serve.engine import TokenBudget
+    from serve.protocol import ServeError
+
+    budget = TokenBudget(100)
+    budget.acquire(60)
+    with pytest.raises(ServeError) as busy:
+        budget.acquire(50)
+    assert busy.value.status_code == 503
+    budget.release(60)
+    budget.acquire(50)  # fits again once the first request is done
+    with pytest.raises(ServeError) as never:
+        budget.acquire(101)
+    assert never.value.status_code == 413 and "max_inflight_tokens" in never.value.message
+
+
+def test_a_replica_with_several_gpus_spreads_the_model_across_them():
+    from serve.engine import device_map
+
+    assert device_map("cuda", 4) == "auto"
+    assert device_map("cuda", 1) is None and device_map("cpu", 0) is None
+
+
+def test_load_model_device_map_places_layers_without_moving_them_again(tiny_path):
+    from derta.modeling import load_model
+
+    model = load_model(tiny_path, device_map="auto")  # CPU only here: accelerate maps every layer to the CPU
+    assert model.hf_device_map and set(model.hf_device_map.values()) == {"cpu"}
+    assert next(model.parameters()).device.type == "cpu"
