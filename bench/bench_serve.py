@@ -1,14 +1,18 @@
-"""Benchmark the Serve app on the tiny model (CPU): probe cost and batched generation throughput.
+"""Benchmark the Serve app (CPU): probe cost, batched generation throughput, overload behaviour.
 
-    python bench/bench_serve.py [--clients 16] [--requests-per-client 4] [--new-tokens 32]
+    python bench/bench_serve.py [--clients 16] [--requests-per-client 4] [--new-tokens 32] [--size probe|tiny]
 
+The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
+forward pass dominates a 512-token probe (`--size tiny`: the 128-hidden 4-layer default, 64 response tokens).
 Named baselines, all measured in this run on the same model and sequences:
-  forward          one raw forward pass over prompt + response (64 response tokens)
+  forward          one raw forward pass over prompt + response (512 tokens in all)
   probe_inprocess  derta.probe.probe on that sequence (the function /probe calls)
   probe_http       POST /probe over HTTP through Serve (tokenization, routing, JSON included)
   per_position     the naive probe: for each of the 65 positions, prefill prompt + response[:i] and generate 1 token
   hf_sequential    unbatched HF `generate`, one request after another
   serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel)
+  overload         4x the app's capacity (max_ongoing + max_queued) at once: admitted requests complete (p50/p99),
+                   the rest get 503 + Retry-After (max latency printed; target <= 50 ms), no other 5xx
 Ratios are printed last; targets: probe <= 1.3x forward, per_position >= 50x probe, serve_batched >= 4x hf_sequential.
 """
 from __future__ import annotations
@@ -33,7 +37,12 @@ from derta.modeling import load_model, load_tokenizer, resolve_model_path  # noq
 from derta.probe import probe  # noqa: E402
 from derta.transforms import PromptRenderer, refusal_token_ids  # noqa: E402
 
-RESPONSE_TOKENS = 64
+SIZES = {  # --size: model overrides and the probe's response length
+    "probe": (["model.tiny.hidden_size=512", "model.tiny.intermediate_size=1408", "model.tiny.num_hidden_layers=8",
+               "model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=8",
+               "model.tiny.max_position_embeddings=1024", "serve.max_input_tokens=1024"], 490),
+    "tiny": ([], 64),
+}
 PROMPT = "Explain step by step how to make the cake, and why the sky is blue."
 WORDS = "first bake the bread then explain why water and light make the sky blue because of scattering".split()
 TOPICS = ["bread", "cake", "water", "light", "the sky", "a model", "a question", "an answer"]
@@ -94,6 +103,7 @@ class Local:
         return out.shape[1] - len(ids)
 
     def per_position(self, prompt_ids: list[int], response_ids: list[int]) -> None:
+        """The naive probe: one prefill + 1-token generate per position."""
         for i in range(len(response_ids) + 1):
             self.generate(prompt_ids + response_ids[:i], 1)
 
@@ -110,6 +120,44 @@ def start_serve(cfg, path: str) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(bind_app(cfg, path), name="bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}"
+
+
+def overload(base_url: str, cfg, path: str, new_tokens: int) -> dict:
+    """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8)."""
+    import httpx
+    from ray import serve
+
+    from serve.app import bind_app
+
+    small = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
+        "max_ongoing_requests": 4, "max_queued_requests": 4, "max_batch_size": 4})})
+    serve.run(bind_app(small, path), name="overload", route_prefix="/overload", blocking=False)
+    capacity, url = 8, f"{base_url}/overload"
+    with httpx.Client(base_url=url, timeout=600) as http:
+        wait_ready(http)
+
+    def one(i: int):
+        with httpx.Client(base_url=url, timeout=600) as http:
+            started = time.perf_counter()
+            response = http.post("/generate", json={"prompt": prompts(i + 1)[i], "max_new_tokens": new_tokens})
+            return response.status_code, response.headers.get("retry-after"), time.perf_counter() - started
+
+    with ThreadPoolExecutor(4 * capacity) as pool:
+        results = list(pool.map(one, range(4 * capacity)))
+    with httpx.Client(base_url=url, timeout=60) as http:
+        healthy = http.get("/health").status_code == 200 and http.post(
+            "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    serve.delete("overload")
+    admitted = sorted(t for status, _, t in results if status == 200)
+    rejected = [(t, retry) for status, retry, t in results if status == 503]
+    return {"sent": len(results), "admitted": len(admitted), "rejected_503": len(rejected),
+            "other": sorted(status for status, _, _ in results if status not in (200, 503)),
+            "retry_after_on_all_503": all(retry for _, retry in rejected),
+            "admitted_p50_s": statistics.median(admitted) if admitted else None,
+            "admitted_p99_s": admitted[min(len(admitted) - 1, int(0.99 * len(admitted)))] if admitted else None,
+            "rejected_max_ms": max(t for t, _ in rejected) * 1000 if rejected else None,
+            "rejected_p50_ms": statistics.median(t for t, _ in rejected) * 1000 if rejected else None,
+            "healthy_after": healthy}
 
 
 def wait_ready(http) -> None:
@@ -143,16 +191,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--size", choices=sorted(SIZES), default="probe")
     args = parser.parse_args()
 
+    size_overrides, response_tokens = SIZES[args.size]
     cfg = load_config("tiny", [f"serve.max_batch_size={args.clients}", "serve.ray_actor_options={num_cpus: 2}",
-                               f"serve.max_ongoing_requests={2 * args.clients}"])
+                               f"serve.max_ongoing_requests={2 * args.clients}", *size_overrides])
     path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     torch.set_num_threads(2)
     local = Local(cfg, path)
     prompt_ids = local.prompt_ids(PROMPT)
-    response_text, response_ids = response_of_length(local.tokenizer, RESPONSE_TOKENS)
+    response_text, response_ids = response_of_length(local.tokenizer, response_tokens)
     sequence = prompt_ids + response_ids
     print(f"[bench] model {path}; prompt {len(prompt_ids)} tokens, response {len(response_ids)} tokens; "
           f"torch threads {torch.get_num_threads()}", flush=True)
@@ -163,7 +213,7 @@ def main() -> None:
         "probe_inprocess": lambda: probe(local.model, prompt_ids, response_ids, local.refusal_ids),
         "generate_8_inprocess": lambda: local.generate(short_ids, 8),
     }, args.reps)
-    t |= interleaved_seconds({"per_position": lambda: local.per_position(prompt_ids, response_ids)}, 3)
+    t |= interleaved_seconds({"per_position": lambda: local.per_position(prompt_ids, response_ids)}, 1, warmup=0)
 
     texts = prompts(args.clients * args.requests_per_client)
     started = time.perf_counter()
@@ -185,6 +235,7 @@ def main() -> None:
             "generate_8_inprocess_again": lambda: local.generate(short_ids, 8),
         }, args.reps)
     serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens)
+    overloaded = overload(url, cfg, path, args.new_tokens)
 
     print("\n== latency: min / median over interleaved runs ==")
     for name, (best, median) in t.items():
@@ -198,6 +249,10 @@ def main() -> None:
     probe_overhead = median["probe_http"] - median["forward_again"]
     print(f"  p50 Serve+HTTP overhead over the raw model call: /generate (8 tokens) {generate_overhead * 1000:.2f} ms, "
           f"/probe {probe_overhead * 1000:.2f} ms")
+
+    print("\n== overload: 4x capacity at once ==")
+    for name, value in overloaded.items():
+        print(f"  {name:28s} {value}")
 
     ratios = {  # medians; HTTP numbers against the forward measured interleaved with them
         "probe_inprocess/forward (<=1.3)": median["probe_inprocess"] / median["forward"],
