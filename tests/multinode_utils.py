@@ -15,6 +15,8 @@ How the nodes are kept apart from every other Ray instance on the machine:
 * Each node has its own short `--temp-dir` (Unix socket paths must stay under ~107 characters).
 * Token auth with a per-cluster random token (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN`), so nothing depends on
   `~/.ray/auth_token`. Inherited `RAY_*` variables (e.g. `RAY_ADDRESS`) never reach these subprocesses.
+* `ray start` runs through tests/ray_start_patient.py: Ray's fixed 30 s wait for a new raylet to register is
+  raised to 300 s, since a loaded 2-core CI machine can take longer (a failed start is still retried).
 * Every node is started with `start_new_session=True`, so all of its processes (GCS, raylet, agents, every worker
   and actor) share that node's session id. Teardown kills exactly those PIDs. `ray stop` is never used: it
   matches processes by name and would kill every Ray instance on the machine.
@@ -41,6 +43,7 @@ HEAD_RESOURCE = "head_slot"
 NODE2_RESOURCE = "node2_slot"
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 READY_LINE = "block forever"  # what `ray start --block` prints once the node is up
+PATIENT_RAY_START = Path(__file__).resolve().parent / "ray_start_patient.py"  # `ray start`, waits longer on load
 
 
 def tool(name: str) -> str | None:
@@ -151,7 +154,9 @@ class LocalCluster:
     """Head (127.0.0.2, `head_slot` resource) + one worker node (127.0.0.3, `node2_slot`) that can be killed and
     restarted. `root` must be short (Unix socket paths); `logs` holds the `ray start` output of every node."""
 
-    def __init__(self, root: Path, logs: Path, num_cpus: int = 2):
+    def __init__(self, root: Path, logs: Path, num_cpus: int = 2, home: Path | None = None):
+        """`home`: run every process with HOME=home and the token in home/.ray/auth_token, created by
+        `ray get-auth-token --generate` (what the README tells a user to do); default: a random RAY_AUTH_TOKEN."""
         import secrets
 
         self.root, self.logs, self.num_cpus = root, logs, num_cpus
@@ -161,10 +166,14 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update({
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
+            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
         })
+        if home is None:
+            env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        else:
+            home.mkdir(parents=True, exist_ok=True)
+            env["HOME"] = str(home)
         self.env = env
         self.sessions: set[int] = set()
         self.nodes: list[Node] = []
@@ -173,6 +182,9 @@ class LocalCluster:
         self.incarnations = 0
         self.gcs_port = self.dashboard_port = 0
         atexit.register(self.shutdown)  # a fixture finalizer that never ran (interpreter exit) still cleans up
+        if home is not None:
+            self.run(tool("ray"), "get-auth-token", "--generate")
+            assert (home / ".ray" / "auth_token").exists(), "`ray get-auth-token --generate` wrote no token file"
 
     # ------------------------------------------------------------------------------------ addresses
     @property
@@ -196,15 +208,18 @@ class LocalCluster:
             try:
                 return self._start_once(label, ip, args, ports, timeout)
             except (RuntimeError, TimeoutError) as err:
-                errors.append(str(err))
+                errors.append(str(err)[-1500:])
                 kill_sessions({self.nodes[-1].proc.pid}, grace=3)
+                self._keep_raylet_logs(self.nodes[-1])
+                time.sleep(min(5 * 2 ** attempt, 30))  # an overloaded GCS/machine: give it room before retrying
         raise RuntimeError(f"`ray start` for {name} failed {attempts} times:\n" + "\n---\n".join(errors))
 
     def _start_once(self, name: str, ip: str, args: list[str], ports: dict[str, int], timeout: float) -> Node:
         temp_dir = self.root / name
         log = self.logs / f"ray-start-{name}.log"
         port_args = [a for key, port in ports.items() for a in (f"--{key}", str(port))]
-        cmd = [tool("ray"), "start", "--block", "--node-ip-address", ip, *args, *port_args,
+        cmd = [sys.executable, str(PATIENT_RAY_START), "start", "--block", "--node-ip-address", ip, *args,
+               *port_args,
                "--min-worker-port", "0", "--max-worker-port", "0", "--num-cpus", str(self.num_cpus),
                "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", str(temp_dir),
                "--disable-usage-stats"]
@@ -224,29 +239,48 @@ class LocalCluster:
         node.read_node_id()
         return node
 
-    def start_head(self, timeout: float = 120) -> Node:
+    def _keep_raylet_logs(self, node: Node) -> None:
+        """Copy a failed node's raylet/GCS logs next to its `ray start` log (its temp dir is removed later)."""
+        for path in node.temp_dir.glob("session_*/logs/*"):
+            if path.name.startswith(("raylet", "gcs_server")) and path.is_file():
+                shutil.copy(path, self.logs / f"{node.name}-{path.name}")
+
+    def start_head(self, timeout: float = 400) -> Node:
         keys = ["port", "ray-client-server-port", "dashboard-port", "node-manager-port", "object-manager-port",
                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                 "metrics-export-port"]
         self.head = self._start("head", HEAD_IP, [
             "--head", "--include-dashboard", "true", "--dashboard-host", HEAD_IP,
-            "--resources", json.dumps({HEAD_RESOURCE: 1})], keys, timeout)
+            "--resources", json.dumps({HEAD_RESOURCE: 1})], keys, timeout, attempts=3)
         self.gcs_port, self.dashboard_port = self.head.ports["port"], self.head.ports["dashboard-port"]
         return self.head
 
-    def start_node2(self, timeout: float = 120) -> Node:
+    def start_node2(self, timeout: float = 400) -> Node:
         """Start (or restart: a fresh temp dir and fresh ports each time) the second node."""
         keys = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]
         self.incarnations += 1
         self.node2 = self._start(f"n2{chr(ord('a') + self.incarnations - 1)}", NODE2_IP, [
             "--address", self.gcs_address, "--resources", json.dumps({NODE2_RESOURCE: 1})], keys, timeout,
-            attempts=3)
+            attempts=5)
         return self.node2
+
+    def wait_node_dead(self, node_id: str, timeout: float = 180) -> None:
+        """Until the GCS has marked `node_id` DEAD: a restart of the node then registers as a new node without
+        racing the GCS's failure detection of the old one (which takes longer on a loaded machine)."""
+        deadline = time.time() + timeout
+        while True:
+            states = {n["node_id"]: n["state"] for n in self.state()["nodes"]}
+            if states.get(node_id) == "DEAD":
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"node {node_id} not marked DEAD after {timeout:.0f}s: {states}")
+            time.sleep(1)
 
     def kill_node2(self, timeout: float = 60) -> int:
         """SIGKILL the second node's raylet (an abrupt node loss). `ray start --block` notices its raylet died
-        and kills the node's remaining processes; whatever survives is killed by PID. Returns the raylet PID."""
+        and kills the node's remaining processes; whatever survives is killed by PID; then waits until the GCS has
+        marked the node DEAD. Returns the raylet PID."""
         node = self.node2
         pid = node.raylet().pid
         os.kill(pid, signal.SIGKILL)
@@ -256,6 +290,7 @@ class LocalCluster:
             pass
         left = kill_sessions({node.proc.pid}, grace=5)
         assert not left, f"processes of {node.name} survived: {left}"
+        self.wait_node_dead(node.node_id)
         return pid
 
     def shutdown(self) -> list[int]:
@@ -270,8 +305,9 @@ class LocalCluster:
         return left
 
     # ------------------------------------------------------------------------------------ commands
-    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), env=self.env, cwd=self.workdir, capture_output=True, text=True,
+    def run(self, *args: str, timeout: float = 120, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), env=self.env, cwd=cwd or self.workdir, capture_output=True, text=True,
                               timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args[:4])} ... exited {proc.returncode}:\n"
