@@ -1,30 +1,100 @@
-"""Ray process setup shared by the CLI, jobs and tests (kept out of library code that must not start Ray)."""
+"""Ray process setup shared by the CLI, jobs and tests (kept out of library code that must not start Ray).
+
+Which Ray a `derta` command uses, in this order (only an explicit choice ever attaches to a running cluster):
+1. `address` / RAY_ADDRESS: that cluster (a `ray job submit` driver gets RAY_ADDRESS from Ray).
+2. The cluster a plain `ray start --head` registered in Ray's default temp dir (/tmp/ray/ray_current_cluster),
+   when its GCS is alive and it belongs to this user; DERTA_RAY_REUSE=0 turns this off (the test suite does).
+   A `ray start` with a private `--temp-dir` never registers there, so private clusters are never picked up.
+3. Otherwise a private local instance (`address="local"`: Ray itself would otherwise attach to case 2 silently).
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
+
+REUSE_ENV = "DERTA_RAY_REUSE"
+# environment our workers need wherever they run: set for a local instance (inherited) and passed as runtime_env
+# env_vars to a running cluster (whose workers inherit `ray start`'s environment, not ours)
+WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "RAY_DEDUP_LOGS": "1"}
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True) -> None:
-    """Connect to RAY_ADDRESS / `address` if given, else start a local instance with `num_cpus`."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if quiet:  # inherited by a local instance's workers: no "Loading weights" bar per model load
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+def running_cluster() -> tuple[str | None, str]:
+    """(GCS address or None, how it was found) following the order in the module docstring."""
+    explicit = os.environ.get("RAY_ADDRESS")
+    if explicit:
+        return explicit, "RAY_ADDRESS"
+    if os.environ.get(REUSE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"{REUSE_ENV}=0"
+    from ray._private.services import find_gcs_addresses
+    from ray._private.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))  # written by `ray start` with the default temp dir only
+    try:
+        if record.stat().st_uid != os.getuid():
+            return None, f"{record} belongs to another user"
+        address = record.read_text().strip()
+    except OSError:
+        return None, "no `ray start --head` cluster"
+    if address and address in find_gcs_addresses():
+        return address, "`ray start --head`"
+    return None, f"stale {record}"  # the cluster it names is gone
+
+
+def _job_env_vars() -> set[str]:
+    """Env var keys a `ray job submit` runtime env already sets (ray.init must not set them again)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    try:
+        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+        return set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    except ValueError:
+        return set()
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True) -> str | None:
+    """Connect to a running cluster (see module docstring) or start a private local instance with `num_cpus`
+    (default: all cores, at least 4 logical CPUs so 2 train workers and a Ray Data stage fit side by side).
+    Returns the address connected to (None: a local instance)."""
+    from derta.progress import filter_ray_console, quiet_python_logs, verbosity
+
+    quiet = quiet and verbosity() != "verbose"
+    for key, value in WORKER_ENV.items():
+        if key != "HF_HUB_DISABLE_PROGRESS_BARS" or quiet:
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
+        return None
+    quiet_python_logs()
+    how = "argument"
+    if not address:
+        address, how = running_cluster()
     # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
     # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
-    kwargs = dict(logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True,
-                  include_dashboard=True, dashboard_host="127.0.0.1")
+    kwargs = dict(logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True)
     if address:
-        ray.init(address=address, **kwargs)
+        env = {k: v for k, v in WORKER_ENV.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS" or quiet}
+        if not address.startswith("ray://"):
+            # Ray Train's placement-group cleaner calls the state API without an address from a worker; with
+            # another Ray instance on the machine it would fail with "Found multiple active Ray instances"
+            env["RAY_ADDRESS"] = address
+        if how == "`ray start --head`" and os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # same machine: workers import the same code as we do
+        taken = _job_env_vars()
+        env = {k: v for k, v in env.items() if k not in taken}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
+        if how == "`ray start --head`":
+            print(f"[derta] using the Ray cluster started with `ray start --head` at {address} "
+                  f"({REUSE_ENV}=0 starts a private one)", flush=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
     quiet_data(quiet)
+    filter_ray_console()
+    return address
 
 
 def quiet_data(quiet: bool = True) -> None:

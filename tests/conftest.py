@@ -11,6 +11,9 @@ SHARED = Path(os.environ.get("DERTA_SHARED_DATA", REPO.parent / "shared" / "data
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# the suite never attaches to a Ray cluster it did not start (someone's `ray start --head`, an exported RAY_ADDRESS)
+os.environ["DERTA_RAY_REUSE"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
 
 
 def shared_file(*parts: str) -> Path:
