@@ -8,10 +8,22 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from derta.config import ConfigError, DertaConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+VERBOSITY_FLAGS = ("--quiet", "-q", "--verbose", "-v")
+
+
+class _FlagsAnywhere(TyperGroup):
+    """`--quiet`/`--verbose` may follow the command (`derta train --quiet`): they are moved in front of it."""
+
+    def parse_args(self, ctx, args):
+        flags = [a for a in args if a in VERBOSITY_FLAGS]
+        return super().parse_args(ctx, flags + [a for a in args if a not in VERBOSITY_FLAGS])
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_FlagsAnywhere,
                   help="DeRTa on Ray: data preparation, training, serving and evaluation.")
 data_app = typer.Typer(no_args_is_help=True, help="Corpus -> DeRTa training examples.")
 app.add_typer(data_app, name="data")
@@ -24,6 +36,18 @@ JudgeOpt = typer.Option(None, "--judge", help="rules | endpoint | hf | classifie
 
 def _with_judge(set_: Optional[List[str]], judge_name: Optional[str]) -> List[str]:
     return list(set_ or []) + ([f"eval.judge={judge_name}"] if judge_name else [])
+
+
+@app.callback()
+def _verbosity(quiet: bool = typer.Option(False, "--quiet", "-q", help="print results and errors only"),
+               verbose: bool = typer.Option(False, "--verbose", "-v", help="also print Ray's own logs")):
+    """Console verbosity for every command (default: our lines and progress bars only)."""
+    from derta.progress import set_verbosity
+
+    if quiet and verbose:
+        _fail("--quiet and --verbose exclude each other")
+    if quiet or verbose:  # else keep an inherited DERTA_VERBOSITY (a Ray job started by a `derta` command)
+        set_verbosity("quiet" if quiet else "verbose")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -181,6 +205,29 @@ def experiment(
 
         summary = run_experiment(cfg, output)
         typer.echo(json.dumps(summary, indent=2))
+
+    _guard(run)
+
+
+@app.command()
+def probe(
+    model: str = typer.Option(..., "--model", "-m", help="checkpoint dir, adapter dir, hub id or 'tiny'"),
+    input_: Path = typer.Option(..., "--input", "-i", help="JSONL, one /probe body per line: prompt (or messages), "
+                                                           "response, optional id and threshold"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory for curves.jsonl, refusal_curves.png"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="first_crossing threshold "
+                                                                        "(default serve.probe_threshold)"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+):
+    """P(refusal) at every position of each response (the /probe computation, no server): curves + a plot."""
+    cfg = _config(config, set_)
+
+    def run():
+        from derta.probe_run import run_probe
+
+        summary = run_probe(cfg, model, input_, output, threshold)
+        typer.echo(f"probed {summary['items']} items: {summary['curves']}, {summary['plot']}")
 
     _guard(run)
 

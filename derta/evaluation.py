@@ -293,7 +293,13 @@ def generate_completions(cfg: DertaConfig, model: ModelSpec, items: list[EvalIte
     out = ray.data.from_items(rows).map_batches(
         fn, fn_constructor_args=args, compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
         batch_size=cfg.eval.batch_size, num_cpus=1, num_gpus=0 if model.is_endpoint else gpus_per_generator())
-    by_index = {int(row["index"]): str(row["completion"]) for row in out.take_all()}
+    from derta.progress import Progress
+
+    by_index = {}
+    with Progress(f"generate ({model.name})", total=len(items), unit="items") as bar:  # streamed as batches finish
+        for row in out.iter_rows():
+            by_index[int(row["index"])] = str(row["completion"])
+            bar.update()
     return [by_index[i] for i in range(len(items))]
 
 

@@ -44,6 +44,7 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     from ray.train.torch import TorchTrainer
 
     from derta.data import prepare_training_data
+    from derta.progress import training_progress
     from derta.runtime import init_ray
 
     output = Path(output or cfg.train.output_dir).resolve()
@@ -81,7 +82,8 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
         datasets={"train": train_ds}, dataset_config=ingest,
     )
     try:
-        result = trainer.fit()
+        with training_progress(output / "metrics.jsonl", total_steps):  # steps, loss, tok/s from metrics.jsonl
+            result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; keep their message, drop our frames
         raise TrainingFailed(f"training failed after {train.max_failures} retries: {err}") from None
     if result.checkpoint is None:
