@@ -15,8 +15,9 @@ How the nodes are kept apart from every other Ray instance on the machine:
 * Each node has its own short `--temp-dir` (Unix socket paths must stay under ~107 characters).
 * Token auth with a per-cluster random token (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN`), so nothing depends on
   `~/.ray/auth_token`. Inherited `RAY_*` variables (e.g. `RAY_ADDRESS`) never reach these subprocesses.
-* `ray start` runs through tests/ray_start_patient.py: Ray's fixed 30 s wait for a new raylet to register is
-  raised to 300 s, since a loaded 2-core CI machine can take longer (a failed start is still retried).
+* `ray start` runs through tests/ray_start_patient.py: Ray's fixed start-up waits (30 s for the raylet to register,
+  ~15 s for the dashboard agent's ports) are not enough on a loaded 2-core CI machine; see that file. A failed start
+  is still retried with fresh ports.
 * Every node is started with `start_new_session=True`, so all of its processes (GCS, raylet, agents, every worker
   and actor) share that node's session id. Teardown kills exactly those PIDs. `ray stop` is never used: it
   matches processes by name and would kill every Ray instance on the machine.
@@ -251,7 +252,7 @@ class LocalCluster:
                 "metrics-export-port"]
         self.head = self._start("head", HEAD_IP, [
             "--head", "--include-dashboard", "true", "--dashboard-host", HEAD_IP,
-            "--resources", json.dumps({HEAD_RESOURCE: 1})], keys, timeout, attempts=3)
+            "--resources", json.dumps({HEAD_RESOURCE: 1})], keys, timeout, attempts=5)
         self.gcs_port, self.dashboard_port = self.head.ports["port"], self.head.ports["dashboard-port"]
         return self.head
 
