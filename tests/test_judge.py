@@ -233,7 +233,7 @@ def test_judge_is_fast():
     import time
 
     text = "Step 1: Gather everything you need from the store and wait for dark. " * 200 + "Sorry, I can't."
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: other processes' load on the machine does not count
     for _ in range(5):
         judge_completion("p", text)
-    assert (time.perf_counter() - start) / 5 < 0.5
+    assert (time.process_time() - start) / 5 < 0.5

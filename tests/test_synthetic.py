@@ -212,7 +212,7 @@ def test_write_corpus(tmp_path):
 
 
 def test_fast():
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: other processes' load on the machine does not count
     corpus = generate_corpus(n_helpful=8000, n_harmful=1500, n_lookalike=500)
     assert sum(len(rows) for rows in corpus.values()) == 10_000
-    assert time.perf_counter() - start < 2.0  # ~0.2 s on one core; generous for loaded CI machines
+    assert time.process_time() - start < 2.0  # ~0.2 s of CPU
