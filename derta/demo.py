@@ -1,4 +1,11 @@
-"""`derta demo`: the embedded default end to end on CPU, then a before/after look at refusal positions."""
+"""`derta demo`: the refusal-position bias in one picture, on the embedded default (tiny model, synthetic corpus, CPU).
+
+Trains the same tiny model twice with the same steps and data budget: `vanilla` (helpful + harmful prompt ->
+refusal) and `derta` (helpful + harmful-prefix MLE + RTO), then probes both on held-out harmful prompts: P(refusal)
+after the prompt plus the first k tokens of a harmful response, k in KS. A vanilla model refuses at k = 0 and hardly
+ever once a harmful prefix is in place; DeRTa refuses at every k. Prints the table and writes
+OUTPUT/refusal_by_k.png, OUTPUT/demo_summary.json.
+"""
 from __future__ import annotations
 
 import json
@@ -6,9 +13,13 @@ from pathlib import Path
 
 from derta.config import DertaConfig
 
+KS = (0, 5, 10, 20, 40)
+MODES = ("vanilla", "derta")
+PLOT = "refusal_by_k.png"
+
 
 def refusal_curves(model_paths: dict[str, str], heldout_safety: list[dict], cfg: DertaConfig,
-                   max_positions: int = 48) -> dict[str, list[float]]:
+                   max_positions: int = max(KS)) -> dict[str, list[float]]:
     """Mean P(refusal) vs position along held-out harmful responses, per model (shared probe math)."""
     from derta.modeling import load_model, load_tokenizer
     from derta.probe import mean_refusal_curve
@@ -26,23 +37,52 @@ def refusal_curves(model_paths: dict[str, str], heldout_safety: list[dict], cfg:
     return curves
 
 
-def run_demo(cfg: DertaConfig, output: Path) -> dict:
-    from derta.modeling import resolve_model_path
+def plot_refusal_by_k(curves: dict[str, list[float]], path: Path, n_prompts: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for (name, curve), color in zip(curves.items(), ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+        ax.plot(range(len(curve)), curve, color=color, alpha=0.35, linewidth=1)
+        ks = [k for k in KS if k < len(curve)]
+        ax.plot(ks, [curve[k] for k in ks], color=color, marker="o", linewidth=2, label=name)
+    ax.set(xlabel="k = harmful-response tokens already in the reply", ylabel="P(refusal token next)",
+           ylim=(-0.02, 1.02), xticks=list(KS),
+           title=f"Refusal position bias (tiny model, {n_prompts} held-out harmful prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(cfg: DertaConfig, output: Path, n_prompts: int = 64) -> dict:
+    from derta.progress import say
     from derta.synthetic import generate_corpus
     from derta.trainer import run_training
 
     output = Path(output)
-    base_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
-    final = run_training(cfg, output)
-    heldout = generate_corpus(**cfg.data.synthetic.model_dump())["heldout_safety"][:64]
-    curves = refusal_curves({"untrained": base_path, "derta": str(final)}, heldout, cfg)
-    summary = {"final_model": str(final), "mean_p_refusal_along_harmful_response": {
-        name: {f"pos{i}": round(curve[i], 3) for i in (0, 5, 10, 20, 40) if i < len(curve)}
-        for name, curve in curves.items()}}
+    finals = {}
+    for mode in MODES:  # same preset, steps and lr; only the data mode differs
+        say(f"training {mode} ({'helpful + harmful prompt -> refusal' if mode == 'vanilla' else 'helpful + harmful-prefix MLE + RTO'})")
+        mode_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode})})
+        finals[mode] = str(run_training(mode_cfg, output / mode))
+    heldout = generate_corpus(**cfg.data.synthetic.model_dump())["heldout_safety"][:n_prompts]
+    say(f"probing P(refusal) after k harmful tokens on {len(heldout)} held-out harmful prompts")
+    curves = refusal_curves(finals, heldout, cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_refusal_by_k(curves, output / PLOT, len(heldout))
+    by_k = {name: {str(k): round(curve[k], 3) for k in KS if k < len(curve)} for name, curve in curves.items()}
+    summary = {"models": finals, "prompts": len(heldout), "p_refusal_after_k_harmful_tokens": by_k,
+               "plot": str(output / PLOT)}
     (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print("\nP(refusal) after prompt + k tokens of a held-out harmful response (mean over 64 prompts):")
-    print(f"{'model':>10} " + " ".join(f"k={i:<5}" for i in (0, 5, 10, 20, 40)))
-    for name, curve in curves.items():
-        print(f"{name:>10} " + " ".join(f"{curve[i]:<7.3f}" for i in (0, 5, 10, 20, 40) if i < len(curve)))
-    print(f"\nmodel: {final}\nnext: derta serve --model {final}   |   derta experiment --output runs/experiment")
+    print(f"\nP(refusal) after the prompt + k tokens of a held-out harmful response (mean over {len(heldout)} prompts)")
+    print(f"{'model':>8} " + " ".join(f"{'k=' + str(k):>6}" for k in KS))
+    for name, values in by_k.items():
+        print(f"{name:>8} " + " ".join(f"{values[str(k)]:>6.2f}" for k in KS if str(k) in values))
+    print(f"\nplot: {output / PLOT}\nmodels: {finals['vanilla']}  {finals['derta']}\n"
+          f"next: derta probe --model {finals['derta']} --input pairs.jsonl --output runs/probe   |   "
+          f"derta experiment --output runs/experiment")
     return summary
