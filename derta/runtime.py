@@ -58,7 +58,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     """Connect to a running cluster (see module docstring) or start a private local instance with `num_cpus`
     (default: all cores, at least 4 logical CPUs so 2 train workers and a Ray Data stage fit side by side).
     Returns the address connected to (None: a local instance)."""
-    from derta.progress import filter_ray_console, quiet_python_logs, verbosity
+    from derta.progress import filter_ray_console, quiet_python_logs, say, verbosity
 
     quiet = quiet and verbosity() != "verbose"
     for key, value in WORKER_ENV.items():
@@ -72,8 +72,6 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     how = "argument"
     if not address:
         address, how = running_cluster()
-    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
-    # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
     kwargs = dict(logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True)
     if address:
         env = {k: v for k, v in WORKER_ENV.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS" or quiet}
@@ -87,12 +85,15 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
         env = {k: v for k, v in env.items() if k not in taken}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
         if how == "`ray start --head`":
-            print(f"[derta] using the Ray cluster started with `ray start --head` at {address} "
-                  f"({REUSE_ENV}=0 starts a private one)", flush=True)
+            say(f"using the Ray cluster started with `ray start --head` at {address} "
+                f"({REUSE_ENV}=0 starts a private one)")
     else:
+        # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
+        # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
                  dashboard_host="127.0.0.1", **kwargs)
     quiet_data(quiet)
+    quiet_python_logs()  # after quiet_data, which sets Ray Data's level too
     filter_ray_console()
     return address
 
