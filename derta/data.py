@@ -626,7 +626,9 @@ def prepare_training_data(config: DertaConfig, tokenizer_path: str, output: Path
     prepare` writes them) and the object-store copy is released; every epoch streams the files again, so nothing
     is materialised a second time and a worker holds only its shuffle buffer (see `derta.batching.epoch_batches`).
     """
-    stats = write_prepared(config, tokenizer_path, output)
+    from derta.datacache import cached_prepare
+
+    stats = cached_prepare(write_prepared, config, tokenizer_path, output)  # content-addressed: prepared once
     return training_dataset(stats["examples_dir"]), ordered_ingest(), stats
 
 

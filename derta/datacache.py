@@ -87,7 +87,11 @@ def cached_prepare(prepare: Callable[..., dict], config: DertaConfig, tokenizer_
     if not (entry / "stats.json").exists():
         tmp = entry.with_name(f"{key}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        stats = prepare(config, tokenizer_path, tmp, inputs)
+        try:
+            stats = prepare(config, tokenizer_path, tmp, inputs)
+        except BaseException:  # bad data is reported, never cached
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # paths in the stats (examples_dir, the quarantine file) name the entry the directory is about to become
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2).replace(str(tmp), str(entry)))
         try:
@@ -103,7 +107,10 @@ def cached_prepare(prepare: Callable[..., dict], config: DertaConfig, tokenizer_
         if (entry / name).exists():
             shutil.copy(entry / name, output / name)
     stats = json.loads((entry / "stats.json").read_text())
+    if isinstance(stats.get("quarantined"), dict) and "path" in stats["quarantined"]:
+        stats["quarantined"]["path"] = str(output / "quarantine.jsonl")  # the run's copy
     stats["cache"] = str(entry)
+    (output / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 

@@ -48,7 +48,8 @@ def test_second_run_hits_and_gets_stats_and_quarantine(setup, tmp_path):
     assert Path(first["cache"]).parent.parent == tmp_path / "cache"
     assert open(f"{second['examples_dir']}/part-0.parquet", "rb").read() == b"rows"
     out = tmp_path / "runs" / "b" / "data"
-    assert (out / "quarantine.jsonl").read_text() == '{"line": 3}\n' and (out / "stats.json").exists()
+    assert (out / "quarantine.jsonl").read_text() == '{"line": 3}\n'
+    assert json.loads((out / "stats.json").read_text())["quarantined"]["path"] == str(out / "quarantine.jsonl")
     assert ".tmp" not in json.dumps(second)  # no path of the temporary directory survives
 
 
@@ -80,3 +81,15 @@ def test_off_and_unhashable_inputs_bypass_the_cache(setup, tmp_path, monkeypatch
 def test_default_location_is_next_to_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.delenv(datacache.CACHE_ENV, raising=False)
     assert datacache.cache_root(tmp_path / "runs" / "tiny" / "data") == (tmp_path / "runs" / ".derta-cache")
+
+
+def test_failed_preparation_is_not_cached(setup, tmp_path):
+    cfg, tokenizer, _, _, _ = setup
+
+    def broken(config, tokenizer_path, directory, inputs=None):
+        (directory / "examples").mkdir(parents=True)
+        raise ValueError("3 of 3 source rows are malformed")
+
+    with pytest.raises(ValueError):
+        datacache.cached_prepare(broken, cfg, tokenizer, tmp_path / "runs" / "a" / "data")
+    assert not list((tmp_path / "cache" / "prepared").iterdir())
