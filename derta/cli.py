@@ -235,8 +235,8 @@ def probe(
 @app.command()
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
          config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
-    """Embedded default end to end: prepare data, train the tiny model with DeRTa, probe the effect."""
-    cfg = _config(config, set_)
+    """Vanilla vs DeRTa on the embedded default: P(refusal) after k harmful tokens, table + PNG (preset: demo)."""
+    cfg = _config(config or "demo", set_)
 
     def run():
         from derta.demo import run_demo

@@ -493,7 +493,10 @@ def prepare_examples(config: DertaConfig, tokenizer_path: str, workdir: Path, in
         sources = data.sources
     else:
         sources = synthetic_sources(data, workdir / "synthetic")
-    examples = tokenize(read_records(data, sources), tokenizer_path, data, data.mode).materialize()
+    from derta.progress import materialize_with_progress
+
+    examples = materialize_with_progress(tokenize(read_records(data, sources), tokenizer_path, data, data.mode),
+                                         "prepare data")
     counts = count_kinds(examples)
     return examples, counts
 

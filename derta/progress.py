@@ -158,6 +158,20 @@ def training_progress(metrics_path: Path, total_steps: int, poll_s: float = 0.5)
         bar.close()
 
 
+# ------------------------------------------------------------------------------------------------ data
+def materialize_with_progress(dataset, desc: str, unit: str = "examples", total: int | None = None):
+    """`dataset.materialize()` with a progress line per finished block: the blocks stay in the object store, the
+    driver sees only their row counts (block metadata)."""
+    import ray
+
+    refs = []
+    with Progress(desc, total=total, unit=unit) as bar:
+        for bundle in dataset.iter_internal_ref_bundles():
+            refs.extend(bundle.block_refs)
+            bar.update(bundle.num_rows() or 0)
+    return ray.data.from_arrow_refs(refs) if refs else dataset.materialize()  # no blocks: an empty dataset
+
+
 # ------------------------------------------------------------------------------------------------ Ray output
 def keep_worker_line(line: str) -> bool:
     """Which lines printed by Ray workers reach our console in normal mode: our own status lines, except the
@@ -177,7 +191,7 @@ def filter_ray_console() -> None:
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
 
     def print_ours(data: dict) -> None:
-        if level == "quiet":
+        if verbosity() == "quiet":
             return
         lines = [line for line in data.get("lines", []) if keep_worker_line(line)]
         if lines:
@@ -186,6 +200,20 @@ def filter_ray_console() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", print_ours)
+
+    # messages the raylet pushes to the driver (its error channel) are printed directly, not through the
+    # dispatcher: keep their errors (a worker killed, out of memory), drop their warnings (e.g. "N PYTHON worker
+    # processes have been started ..." on a loaded machine)
+    print_raylet = ray_worker.print_to_stdstream
+    if getattr(print_raylet, "__name__", "") == "print_raylet_errors":
+        return  # already wrapped (init_ray after a ray.shutdown)
+
+    def print_raylet_errors(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not line.lstrip().startswith("WARNING")]
+        if lines and verbosity() != "quiet":
+            print_raylet(dict(data, lines=lines), ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_raylet_errors
 
 
 def quiet_python_logs() -> None:

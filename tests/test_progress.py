@@ -88,3 +88,20 @@ def test_verbosity_flags_anywhere_on_the_command_line(monkeypatch, tmp_path):
         assert progress.verbosity() == level
     result = runner.invoke(app, ["judge", "--quiet", "--verbose", "-i", str(rows), "-o", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_ray_console_filter_keeps_our_lines_and_raylet_errors(capsys):
+    from ray._private import worker as ray_worker
+
+    progress.filter_ray_console()
+    progress.filter_ray_console()  # idempotent (init_ray after ray.shutdown)
+    ray_worker.global_worker_stdstream_dispatcher.emit({
+        "lines": ["[derta] resumed at step 4 (epoch 0, batch 4)", "[derta] step 2/20 loss 1.0",
+                  "Progress bars disabled. To enable, set ..."], "pid": 123, "ip": "127.0.0.1", "is_err": False})
+    ray_worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node"],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["Task was killed due to the node running low on memory."],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "[derta] resumed at step 4" in out and "running low on memory" in out
+    assert "step 2/20" not in out and "Progress bars disabled" not in out and "PYTHON worker processes" not in out
