@@ -112,8 +112,9 @@ class Progress:
         else:
             head, tail = f"{self.done} {self.unit}", f" in {_fmt_seconds(elapsed)}"
         extra = f", {self._postfix()}" if self.postfix else ""
-        print(f"{OUR_PREFIX} {self.desc}: {head}, {rate:.1f} {self.unit}/s{tail}{extra}", file=self.stream,
-              flush=True)
+        slow = 0 < rate < 1
+        speed = f"{1 / rate:.1f} s per {self.unit.rstrip('s')}" if slow else f"{rate:.1f} {self.unit}/s"
+        print(f"{OUR_PREFIX} {self.desc}: {head}, {speed}{tail}{extra}", file=self.stream, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ training
