@@ -66,7 +66,8 @@ def run_demo(cfg: DertaConfig, output: Path, n_prompts: int = 64) -> dict:
     output = Path(output)
     finals = {}
     for mode in MODES:  # same preset, steps and lr; only the data mode differs
-        say(f"training {mode} ({'helpful + harmful prompt -> refusal' if mode == 'vanilla' else 'helpful + harmful-prefix MLE + RTO'})")
+        data = "helpful + harmful prompt -> refusal" if mode == "vanilla" else "helpful + harmful-prefix MLE + RTO"
+        say(f"training {mode} ({data})")
         mode_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode})})
         finals[mode] = str(run_training(mode_cfg, output / mode))
     heldout = generate_corpus(**cfg.data.synthetic.model_dump())["heldout_safety"][:n_prompts]
