@@ -90,12 +90,44 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     else:
         # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
         # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
-        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
-                 dashboard_host="127.0.0.1", **kwargs)
+        _start_local(dict(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
+                          dashboard_host="127.0.0.1", **kwargs))
     quiet_data(quiet)
     quiet_python_logs()  # after quiet_data, which sets Ray Data's level too
     filter_ray_console()
     return address
+
+
+START_ATTEMPTS = 3
+
+
+def _start_local(init_kwargs: dict) -> None:
+    """ray.init of a private instance, retried: Ray gives a new node's raylet and dashboard agent fixed start-up
+    windows (~15-30 s) that a heavily loaded machine misses ("The current node timed out during startup"). The
+    processes of a failed attempt are stopped before the next one."""
+    import time
+
+    import psutil
+    import ray
+
+    for attempt in range(START_ATTEMPTS):
+        started = time.time()
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS - 1:
+                raise
+        ray.shutdown()
+        leftovers = [child for child in psutil.Process().children(recursive=True)
+                     if child.create_time() >= started - 1]
+        for child in leftovers:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
+        time.sleep(5 * (attempt + 1))
 
 
 def quiet_data(quiet: bool = True) -> None:

@@ -35,6 +35,7 @@ OK_OR_FAILOVER = {200, 500, 502, 503, 504}
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(2400),  # bounded by the waits inside; a loaded 2-core machine needs more than 900 s
     pytest.mark.skipif(tool("ray") is None or tool("serve") is None, reason="the `ray`/`serve` CLIs are not installed"),
     pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a two-node cluster needs at least 2 CPU cores"),
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process cleanup reads /proc (Linux only)"),
