@@ -166,3 +166,22 @@ def test_load_model_with_a_device_map_is_the_same_model(tiny_path, tiny_model):
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def test_generation_stops_on_every_eos_id_of_the_checkpoints_generation_config(tiny_model, tokenizer):
+    """A checkpoint's generation_config.json may list several eos ids (end of turn + eos, derta.tokens
+    write_generation_config); the engine stops on each, not only on tokenizer.eos_token_id."""
+    import copy
+
+    from serve.engine import GenerationJob, run_generate
+
+    ids = prompt_ids(tokenizer, "How do I bake bread?")
+    (free,) = run_generate(tiny_model, tokenizer, [GenerationJob(ids, 6, temperature=0.0)])
+    assert free["token_ids"], free
+    first = free["token_ids"][0]
+    assert first != tokenizer.eos_token_id
+    model = copy.copy(tiny_model)  # shallow: same weights, its own generation_config
+    model.generation_config = copy.deepcopy(tiny_model.generation_config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    (stopped,) = run_generate(model, tokenizer, [GenerationJob(ids, 6, temperature=0.0)])
+    assert stopped["token_ids"] == [] and stopped["finish_reason"] != "length", stopped
