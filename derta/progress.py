@@ -61,6 +61,7 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = PLAIN_INTERVAL_S if interval is None else interval
         self.done, self.postfix = 0, {}
+        self.printed, self.lines = 0, 0  # count shown by the last plain line, plain lines so far
         self.started = self.last_line = time.monotonic()
         self.bar = None
         if self.enabled and self.tty:
@@ -89,7 +90,7 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.done != self.printed or not self.lines:  # the final count, unless the last line showed it
             self._line()
 
     def __enter__(self):
@@ -103,6 +104,7 @@ class Progress:
 
     def _line(self) -> None:
         self.last_line = now = time.monotonic()
+        self.printed, self.lines = self.done, self.lines + 1
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         if self.total:

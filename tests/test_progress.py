@@ -24,6 +24,7 @@ def test_plain_lines_when_not_a_terminal_with_rate_eta_and_postfix():
     assert "\r" not in out.getvalue()
     assert lines[0].startswith("[derta] prepare: 1/4 rows (25%),") and "rows/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("[derta] prepare: 4/4 rows (100%),") and "loss 1.2345" in lines[-1]
+    assert len(lines) == 2  # closing does not repeat a line that already showed the final count
 
 
 def test_plain_lines_are_periodic_not_per_update():
