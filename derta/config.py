@@ -68,6 +68,9 @@ class DataConfig(Strict):
     mode: Literal["vanilla", "recaug", "derta"] = "derta"
     mix: MixConfig = Field(default_factory=MixConfig)
     k0_fraction: float = Field(1 / 3, ge=0, le=1, description="share of harmful-prefix rows with k = 0")
+    prefix_unit: Literal["token", "word"] = Field(
+        "token", description="harmful-prefix cut: token (k uniform in 1..n tokens) or word (the reference: k uniform "
+                             "in 1..words-2, prefix and refusal joined with a space)")
     max_length: int = Field(512, ge=8)
     max_chars: int = Field(32_000, ge=1, description="longer text fields are quarantined")
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
@@ -155,6 +158,12 @@ class TrainConfig(Strict):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     mle_weight: float = Field(1.0, ge=0)
     rto_weight: float = Field(1.0, ge=0)
+    loss_weighting: Literal["term_mean", "token_mean"] = Field(
+        "term_mean", description="term_mean: mle_weight*mean(MLE CE) + rto_weight*mean(RTO CE); token_mean: one "
+                                 "token mean over all supervised positions (the reference's); see derta/losses.py")
+    rto_keep_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of RTO positions trained each step, drawn at random (reference: 8B full "
+                                     "~0.05, 70B LoRA 1.0)")
     group_buffer_batches: int = Field(32, ge=1, description="batches sorted together for length grouping")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)

@@ -601,9 +601,15 @@ def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, input
         import shutil
 
         shutil.rmtree(parquet_dir)
+    from derta.plain_parquet import plain_block, null_only_columns
+    from derta.preflight import refusal_start_counts
+
     examples.randomize_block_order(seed=data.seed).map_batches(
         select_training_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        fn_kwargs={"rates": summary["rates"], "seed": data.seed}).write_parquet(str(parquet_dir))
+        fn_kwargs={"rates": summary["rates"], "seed": data.seed}).map_batches(
+        plain_block, batch_format="pyarrow", batch_size=None,  # list<int32> ids, no all-null columns
+        fn_kwargs={"drop": null_only_columns(examples, ("category",))}).write_parquet(str(parquet_dir))
+    refusal_id = _cached_tokenize(tokenizer_path, data.model_dump_json(), data.mode).refusal_id
     stats = {
         "mode": data.mode,
         "source_rows": summary["source_rows"],
@@ -614,6 +620,7 @@ def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, input
         "length": summary["length"],
         "length_by_kind": summary["length_by_kind"],
         "padding_waste": summary["padding_waste"],
+        "harmful_prefix_refusal_start": refusal_start_counts(examples, refusal_id),
         "examples_dir": str(parquet_dir),
         "tokenizer": tokenizer_path,
     }

@@ -113,3 +113,27 @@ def run_preflight(cfg: DertaConfig) -> dict:
     tokenizer = load_run_tokenizer(cfg, model_path)
     return {"model": model_path, "tokenizer": cfg.model.tokenizer or model_path, "mode": cfg.data.mode,
             "tokens": check_tokens(cfg, tokenizer), "lengths": check_lengths(cfg, model_path)}
+
+
+def _block_refusal_starts(table, refusal_id: int):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from derta.plain_parquet import int32_lists
+
+    starts = others = 0
+    if table.num_rows and "kind" in table.column_names:
+        rows = table.filter(pc.equal(table.column("kind"), "harmful_prefix"))
+        for labels in int32_lists(rows.column("labels")).to_pylist():
+            first = next((label for label in labels if label != -100), None)
+            starts, others = (starts + 1, others) if first == refusal_id else (starts, others + 1)
+    return pa.table({"starts": [starts], "others": [others]})
+
+
+def refusal_start_counts(dataset, refusal_id: int) -> dict:
+    """How many harmful-prefix examples' safe responses start with the refusal token (what RTO trains) and how many
+    do not (a refusal template or corpus `safe_response` that opens differently): one counting task per block."""
+    counts = dataset.map_batches(_block_refusal_starts, fn_kwargs={"refusal_id": refusal_id}, batch_format="pyarrow",
+                                 batch_size=None).sum(["starts", "others"]) or {}
+    return {"starts_with_refusal_token": int(counts.get("sum(starts)") or 0),
+            "does_not": int(counts.get("sum(others)") or 0)}

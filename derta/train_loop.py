@@ -189,7 +189,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, pad_multiple).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            terms = derta_loss(logits, batch["labels"], batch["rto_mask"], train.mle_weight, train.rto_weight)
+            terms = derta_loss(logits, batch["labels"], batch["rto_mask"], train.mle_weight, train.rto_weight,
+                               train.loss_weighting, train.rto_keep_fraction)
             (terms.total / train.grad_accum).backward()
             window["mle"] += float(terms.mle) * terms.n_mle
             window["rto"] += float(terms.rto) * terms.n_rto

@@ -6,9 +6,13 @@ convention: `labels[t]` is the token the model should predict at position t (the
 while input_ids[t] is the next token of the harmful response, so the model is trained to switch to a
 refusal after prompt + harmful[:j] for every j.
 
-    helpful MLE        prompt | response EOS          loss on response + EOS
-    harmful-prefix MLE prompt | harmful[:k] | safe EOS loss on safe + EOS only
-    RTO                prompt | harmful               refusal token at every harmful position
+    helpful MLE        prompt | response EOT          loss on response + EOT
+    harmful-prefix MLE prompt | harmful[:k] | safe EOT loss on safe + EOT only
+    RTO                prompt | harmful               refusal token after every harmful prefix, the whole one too
+
+EOT is the chat template's end-of-turn token (derta.tokens.end_of_turn_id); eos without a template. The harmful
+prefix is cut on tokens (`data.prefix_unit: token`, k uniform in 1..n) or, like the reference implementation, on
+words (`word`: k uniform in 1..words-2, prefix and refusal joined with a space).
 """
 from __future__ import annotations
 
@@ -86,7 +90,9 @@ def harmful_prefix_example(prompt: list[int], harmful: list[int], safe: list[int
 
 
 def rto_example(prompt: list[int], harmful: list[int], refusal_id: int, max_length: int) -> Example:
-    input_ids = (prompt + harmful)[:max_length]
+    # n + 1 targets: after prompt + harmful[:j] for j = 0..n, the last one after the whole harmful response (the
+    # reference trains it too). The extra input token is never a context for any loss; the refusal token fills it.
+    input_ids = (prompt + harmful + [refusal_id])[:max_length]
     n_targets = len(input_ids) - len(prompt)
     labels = [IGNORE_INDEX] * len(prompt) + [refusal_id] * max(n_targets, 0)
     rto_mask = [0] * len(prompt) + [1] * max(n_targets, 0)
@@ -187,7 +193,17 @@ class RecordIds:
     segments: dict[str, list[int]]
 
 
-def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: list[str], seed: int) -> RecordTexts:
+def word_prefix(harmful: str, k0_fraction: float, rng: np.random.Generator) -> str:
+    """The reference's cut: the first k space-separated words, k = 0 with probability k0_fraction, else uniform in
+    1..len(words)-2 (k = 0 when the response has fewer than 3 words)."""
+    words = harmful.split(" ")
+    if len(words) < 3 or rng.random() < k0_fraction:
+        return ""
+    return " ".join(words[: int(rng.integers(1, len(words) - 1))])
+
+
+def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: list[str], seed: int,
+                 prefix_unit: str = "token", k0_fraction: float = 1 / 3, mode: str = "derta") -> RecordTexts:
     kind = record["kind"]
     if kind == "rendered":
         return RecordTexts(record["prompt_text"], True, {"target": record["target_text"]})
@@ -200,7 +216,12 @@ def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: l
         return RecordTexts(prompt, renderer.prompt_special_tokens, {"response": record["response"]})
     safe = record.get("safe_response") or refusal_templates[
         int(row_rng(seed, record["uid"], "template").integers(len(refusal_templates)))]
-    return RecordTexts(prompt, renderer.prompt_special_tokens, {"harmful": record["harmful_response"], "safe": safe})
+    segments = {"harmful": record["harmful_response"], "safe": safe}
+    if prefix_unit == "word":
+        prefix = "" if mode == "vanilla" else word_prefix(record["harmful_response"], k0_fraction,
+                                                          row_rng(seed, record["uid"], "k"))
+        segments.update(prefix=prefix, safe=" " + safe if prefix else safe)
+    return RecordTexts(prompt, renderer.prompt_special_tokens, segments)
 
 
 def encode_texts(tokenizer, texts: RecordTexts) -> RecordIds:
@@ -235,8 +256,12 @@ def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, r
     if kind in ("chat", "helpful"):
         return [helpful_example(prompt, ids.segments["response"], eos_id, max_length)]
     harmful, safe = ids.segments["harmful"], ids.segments["safe"]
-    k = 0 if mode == "vanilla" else sample_prefix_len(len(harmful), k0_fraction, row_rng(seed, record["uid"], "k"))
-    examples = [harmful_prefix_example(prompt, harmful, safe, k, eos_id, max_length)]
+    if "prefix" in ids.segments:  # cut on words when the texts were made (record_texts)
+        prefix = ids.segments["prefix"]
+        examples = [harmful_prefix_example(prompt, prefix, safe, len(prefix), eos_id, max_length)]
+    else:
+        k = 0 if mode == "vanilla" else sample_prefix_len(len(harmful), k0_fraction, row_rng(seed, record["uid"], "k"))
+        examples = [harmful_prefix_example(prompt, harmful, safe, k, eos_id, max_length)]
     if mode == "derta":
         examples.append(rto_example(prompt, harmful, refusal_id, max_length))
     return examples
@@ -244,19 +269,21 @@ def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, r
 
 def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                         refusal_templates: list[str], k0_fraction: float, max_length: int,
-                        seed: int) -> list[Example]:
+                        seed: int, prefix_unit: str = "token") -> list[Example]:
     """All training examples one canonical record yields under `mode` (see MODE_KINDS)."""
-    texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed)
+    texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed, prefix_unit=prefix_unit,
+                         k0_fraction=k0_fraction, mode=mode)
     return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=renderer.end_of_turn_id, mode=mode,
                              refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed)
 
 
 def examples_for_records(records: list[dict], tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                          refusal_templates: list[str], k0_fraction: float, max_length: int,
-                         seed: int) -> list[list[Example] | Exception]:
+                         seed: int, prefix_unit: str = "token") -> list[list[Example] | Exception]:
     """examples_for_record for each record, tokenized in batch. A record that fails gets its exception in its
     slot (the same one examples_for_record raises) and does not affect the others."""
-    texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed) for r in records]
+    texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed,
+                      prefix_unit=prefix_unit, k0_fraction=k0_fraction, mode=mode) for r in records]
     ids = _encode_valid(tokenizer, texts)
     settings = dict(eos_id=renderer.end_of_turn_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
                     max_length=max_length, seed=seed)

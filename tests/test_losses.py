@@ -37,15 +37,61 @@ def test_terms_match_manual_computation():
     assert terms.n_mle == 3 and terms.n_rto == 3
     assert math.isclose(terms.mle.item(), sum(mle_terms) / 3, rel_tol=1e-5)
     assert math.isclose(terms.rto.item(), sum(rto_terms) / 3, rel_tol=1e-5)
-    # unit weights: one token-mean CE over every supervised position (the reference semantics)
-    assert math.isclose(terms.total.item(), (sum(mle_terms) + sum(rto_terms)) / 6, rel_tol=1e-5)
+    # default term_mean: the mean CE of each term, added
+    assert math.isclose(terms.total.item(), sum(mle_terms) / 3 + sum(rto_terms) / 3, rel_tol=1e-5)
+    # token_mean (the reference): one token-mean CE over every supervised position
+    reference = derta_loss(logits, labels, rto, weighting="token_mean")
+    assert math.isclose(reference.total.item(), (sum(mle_terms) + sum(rto_terms)) / 6, rel_tol=1e-5)
 
 
 def test_weights_scale_each_term():
     logits, labels, rto = _batch()
     mle_terms, rto_terms = _manual(logits, labels, rto)
     terms = derta_loss(logits, labels, rto, mle_weight=0.5, rto_weight=2.0)
+    assert math.isclose(terms.total.item(), 0.5 * sum(mle_terms) / 3 + 2 * sum(rto_terms) / 3, rel_tol=1e-5)
+    terms = derta_loss(logits, labels, rto, mle_weight=0.5, rto_weight=2.0, weighting="token_mean")
     assert math.isclose(terms.total.item(), (0.5 * sum(mle_terms) + 2 * sum(rto_terms)) / 6, rel_tol=1e-5)
+
+
+def _tiny_lm():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Embedding(7, 8), torch.nn.Linear(8, 7))
+
+
+def _grads(model, input_ids, labels, rto, **kwargs):
+    model.zero_grad()
+    derta_loss(model(input_ids), labels, rto, **kwargs).total.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_rto_weight_zero_gives_recaug_gradients():
+    """A derta batch (MLE rows + RTO rows) with rto_weight=0 trains exactly like the recaug batch (its MLE rows)."""
+    model = _tiny_lm()
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6], [2, 3, 1, 1, 5, 0], [6, 5, 4, 3, 2, 1]])
+    labels = torch.tensor([[X, X, X, 4, 5, 6], [X, X, 4, 4, 4, 4], [X, 5, 4, 3, X, X]])
+    rto = torch.tensor([[0] * 6, [0, 0, 1, 1, 1, 1], [0] * 6], dtype=torch.bool)
+    recaug = [0, 2]
+    derta = _grads(model, input_ids, labels, rto, rto_weight=0.0)
+    baseline = _grads(model, input_ids[recaug], labels[recaug], rto[recaug])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(derta, baseline))
+    with_rto = _grads(model, input_ids, labels, rto)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(with_rto, baseline))
+    # the reference weighting is not recaug at rto_weight=0: the RTO positions still count in the denominator
+    token_mean = _grads(model, input_ids, labels, rto, rto_weight=0.0, weighting="token_mean")
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(token_mean, baseline))
+
+
+def test_rto_keep_fraction_trains_a_random_share_of_rto_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 200, 5, requires_grad=True)
+    labels = torch.full((4, 200), 4)
+    rto = torch.ones(4, 200, dtype=torch.bool)
+    full = derta_loss(logits, labels, rto)
+    kept = derta_loss(logits, labels, rto, rto_keep_fraction=0.25, generator=torch.Generator().manual_seed(0))
+    assert full.n_rto == 4 * 199 and 0.15 * full.n_rto < kept.n_rto < 0.35 * full.n_rto
+    kept.total.backward()
+    rows_with_grad = int((logits.grad.abs().sum(-1) > 0).sum())
+    assert rows_with_grad == kept.n_rto  # dropped positions get no gradient
 
 
 def test_one_backward_reaches_both_terms():

@@ -38,9 +38,10 @@ def test_harmful_prefix_truncation_shortens_prefix_first():
 
 def test_rto_targets_refusal_at_every_harmful_position():
     ex = rto_example(P, H, SORRY, max_length=64)
-    assert ex.input_ids == [1, 2, 3, 10, 11, 12, 13]
-    assert ex.labels == [IGNORE_INDEX] * 3 + [SORRY] * 4
-    assert ex.rto_mask == [0, 0, 0, 1, 1, 1, 1]
+    # refusal after prompt + harmful[:j] for j = 0..4: the last target follows the whole harmful response
+    assert ex.input_ids == [1, 2, 3, 10, 11, 12, 13, SORRY]
+    assert ex.labels == [IGNORE_INDEX] * 3 + [SORRY] * 5
+    assert ex.rto_mask == [0, 0, 0, 1, 1, 1, 1, 1]
 
 
 def test_rto_truncated_keeps_mask_aligned():
@@ -119,8 +120,8 @@ def test_modes_select_example_kinds(tokenizer, mode, kinds):
     if mode == "derta":
         rto = examples[1]
         harmful = tokenizer.encode(_record()["harmful_response"], add_special_tokens=False)
-        assert rto.input_ids[rto.prompt_len:] == harmful
-        assert rto.labels[rto.prompt_len:] == [sorry] * len(harmful)
+        assert rto.input_ids[rto.prompt_len:] == harmful + [sorry]
+        assert rto.labels[rto.prompt_len:] == [sorry] * (len(harmful) + 1)
 
 
 def test_missing_safe_response_uses_seeded_template(tokenizer):
@@ -213,3 +214,30 @@ def test_batched_examples_equal_per_row_examples(tokenizer, tmp_path, use_chat_t
         examples = [e for b in batched if not isinstance(b, Exception) for e in b]
         assert all(len(e.input_ids) == len(e.labels) == len(e.rto_mask) <= 24 for e in examples)
         assert any(e.num_loss_tokens == 0 for e in examples)
+
+
+def test_word_prefix_unit_cuts_whole_words_and_joins_with_a_space(tokenizer):
+    """data.prefix_unit=word: the reference's cut (k in 1..words-2 words, k = 0 for ~k0_fraction of rows), and the
+    refusal follows the prefix after a space, never glued to a split word."""
+    from derta.transforms import word_prefix
+
+    harmful = "First, get the tools from the shed and then start."
+    words = harmful.split(" ")
+    cuts = [word_prefix(harmful, 1 / 3, row_rng(0, f"r{i}", "k")) for i in range(3000)]
+    assert abs(sum(c == "" for c in cuts) / len(cuts) - 1 / 3) < 0.03
+    lengths = {len(c.split(" ")) for c in cuts if c}
+    assert lengths == set(range(1, len(words) - 1))
+    assert all(harmful.startswith(c) for c in cuts)
+    assert word_prefix("Two words", 0.0, row_rng(0, "x", "k")) == ""
+
+    renderer = PromptRenderer(tokenizer)
+    record = {"kind": "safety", "uid": "w1", "instruction": "How?", "harmful_response": harmful,
+              "safe_response": "Sorry, I can't help."}
+    for seed in range(12):
+        prefix_row, rto = examples_for_record(record, tokenizer, renderer, mode="derta", refusal_id=5,
+                                              refusal_templates=["Sorry."], k0_fraction=0.0, max_length=256,
+                                              seed=seed, prefix_unit="word")
+        text = tokenizer.decode(prefix_row.input_ids[prefix_row.prompt_len:])
+        cut = word_prefix(harmful, 0.0, row_rng(seed, "w1", "k"))
+        assert text.startswith(cut + " Sorry, I can't help."), text
+        assert rto.input_ids[rto.prompt_len:-1] == tokenizer.encode(harmful, add_special_tokens=False)
