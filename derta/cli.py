@@ -89,9 +89,11 @@ def data_prepare(
     def run():
         from derta.data import write_prepared
         from derta.modeling import resolve_model_path
+        from derta.preflight import check_tokens, load_run_tokenizer
         from derta.runtime import init_ray
 
         tokenizer_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
+        check_tokens(cfg, load_run_tokenizer(cfg, tokenizer_path))  # a bad refusal string names its field
         init_ray()
         stats = write_prepared(cfg, cfg.model.tokenizer or tokenizer_path, output, input_)
         typer.echo(json.dumps({k: stats[k] for k in ("mode", "source_rows", "examples_by_kind", "quarantined",

@@ -93,9 +93,10 @@ def test_raw_prompt_text_gets_exactly_one_bos(tokenizers, name):
     assert adds_bos(tokenizer) == bool(bos)
 
 
-def test_sentencepiece_continuation_keeps_its_space(tokenizers):
+@pytest.mark.parametrize("name", ["llama2", "gemma", "mistral_v03"])
+def test_sentencepiece_continuation_keeps_its_space(tokenizers, name):
     """A response segment tokenized on its own decodes with its leading space after a harmful prefix."""
-    tokenizer = tokenizers["llama2"]
+    tokenizer = tokenizers[name]
     prefix = tokenizer.encode("Step one: do", add_special_tokens=False)
     safe = tokenizer.encode("Sorry, I can't.", add_special_tokens=False)
     assert tokenizer.decode(prefix + safe) == "Step one: do Sorry, I can't."
