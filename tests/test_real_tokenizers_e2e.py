@@ -74,6 +74,16 @@ def test_prepared_examples_on_real_tokenizers(trained, family):
             assert labels[-1] == eot  # responses end with the template's end-of-turn token
     stats = json.loads((data / "stats.json").read_text())
     assert stats["examples_by_kind"]["rto"] > 0
+    # every synthetic safe response opens with "Sorry": none is counted as not starting with the refusal token
+    assert stats["harmful_prefix_refusal_start"] == {"starts_with_refusal_token": stats["examples_by_kind"][
+        "harmful_prefix"], "does_not": 0}
+    # plain Parquet any tool reads
+    import pyarrow as pa
+
+    for name in ("input_ids", "labels", "rto_mask"):
+        assert table.schema.field(name).type == pa.list_(pa.int32())
+    assert table.schema.field("kind").type == pa.string()
+    assert all(table.column(name).null_count < table.num_rows for name in table.column_names)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
