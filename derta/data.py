@@ -601,7 +601,7 @@ def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, input
         import shutil
 
         shutil.rmtree(parquet_dir)
-    from derta.plain_parquet import plain_block, null_only_columns
+    from derta.plain_parquet import null_only_columns, plain_block
     from derta.preflight import refusal_start_counts
 
     examples.randomize_block_order(seed=data.seed).map_batches(
