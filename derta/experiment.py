@@ -204,7 +204,9 @@ def run_seed(cfg: DertaConfig, paths: dict[str, Path], output: Path, base: dict 
     eval_start = time.perf_counter()
     summary, curves = {}, {}
     for name, run in runs.items():
-        summary[name], curves[name] = evaluate(cfg, name, run, Path(run.get("eval_dir") or output / "eval" / name))
+        shared = bool(run.get("eval_dir"))  # the shared base: evaluated once, with the base seed
+        summary[name], curves[name] = evaluate(seeded(cfg, cfg.experiment.base_seed) if shared else cfg, name, run,
+                                               Path(run["eval_dir"]) if shared else output / "eval" / name)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "curves.json").write_text(json.dumps(curves))
     timings = {"train_seconds": {name: run["seconds"] for name, run in runs.items() if name in ARMS or not base},

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from derta.aggregate import interval, interval_summary, mean_curves, mean_summary, t_quantile
+from derta.report import README_BEGIN, README_END, readme_block
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results" / "experiment"
 
 
 def seed_summary(asr0, asr10, acc):
@@ -33,6 +39,33 @@ def test_mean_and_interval_summaries_keep_the_eval_shape():
     assert bounds["synthetic_prefill"]["asr_by_prefix"]["10"] is None
     assert bounds["synthetic_helpful"]["accuracy"][0] == 0.0
     assert mean_curves([{"m": [0.0, 1.0]}, {"m": [1.0, 0.0]}]) == {"m": [0.5, 0.5]}
+
+
+def leaves(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    out = {}
+    for key, value in tree.items():
+        out.update(leaves(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,): value})
+    return out
+
+
+def test_committed_results_come_from_the_committed_preset():
+    """results/experiment/ was produced by configs/experiment.yaml as committed (every value the preset sets)."""
+    record = json.loads((RESULTS / "experiment.json").read_text())
+    preset = yaml.safe_load((REPO / "configs" / "experiment.yaml").read_text())
+    preset.pop("base", None)
+    recorded = leaves(record["config"])
+    for key, value in leaves(preset).items():
+        got = recorded.get(key)
+        assert got == value or (isinstance(got, list) and list(value) == got), (key, value, got)
+    assert record["heldout_split"] == "test"
+
+
+def test_readme_table_matches_the_committed_results():
+    readme = (REPO / "README.md").read_text()
+    assert README_BEGIN in readme and README_END in readme
+    block = readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)]
+    assert block == readme_block(RESULTS), "README is stale: python -m derta.report --readme README.md " \
+                                           "results/experiment"
 
 
 def test_training_reuse_key_ignores_only_what_an_arm_does_not_use():
