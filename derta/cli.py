@@ -108,24 +108,40 @@ def train(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default train.output_dir)"),
     config: Optional[str] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="check config, tokenizer, refusal/probe strings, end of "
-                                                          "turn, BOS and lengths; print the report; no training"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="train nothing: check config, tokenizer, refusal/probe "
+                                                          "strings, end of turn, BOS, lengths, and the per-GPU memory "
+                                                          "plan (OUTPUT/plan.json with --output); print the report; "
+                                                          "fail if the plan does not fit the GPUs"),
 ):
     """DeRTa fine-tuning with Ray Train; writes checkpoints, OUTPUT/final and OUTPUT/metrics.jsonl."""
     cfg = _config(config, set_)
 
     def run():
         if dry_run:
-            from derta.preflight import run_preflight
-
-            typer.echo(json.dumps(run_preflight(cfg), indent=2))
-            return
+            return _dry_run(cfg, output)
         from derta.trainer import run_training
 
         final = run_training(cfg, output)
         typer.echo(f"final model: {final}")
 
     _guard(run)
+
+
+def _dry_run(cfg: DertaConfig, output: Optional[Path]) -> None:
+    """Preflight (derta.preflight) + memory plan (derta.plan); the JSON report is printed last."""
+    from derta.plan import PlanDoesNotFit, describe, make_plan, write_plan
+    from derta.preflight import run_preflight
+
+    report = run_preflight(cfg)
+    try:
+        plan = write_plan(cfg, report["model"], output) if output else make_plan(cfg, report["model"])
+    except PlanDoesNotFit as err:
+        where = f" (plan: {output / 'plan.json'})" if output else ""
+        _fail(f"{err}{where}", code=3)
+    if not plan["fits"]:
+        _fail(f"does not fit: {describe(plan)}", code=3)
+    typer.echo(f"memory plan: {describe(plan)}" + (f"; wrote {output / 'plan.json'}" if output else ""))
+    typer.echo(json.dumps({**report, "plan": plan}, indent=2))
 
 
 @app.command()

@@ -141,10 +141,13 @@ class TrainConfig(Strict):
     run_name: str = "derta"
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of each GPU (GiB), for the --dry-run memory plan")
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     lora: LoraConfig | None = None
+    merge_lora: bool = Field(False, description="LoRA: export OUTPUT/final merged into the base (an HF model) "
+                                                "instead of a PEFT adapter")
     gradient_checkpointing: bool = False
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

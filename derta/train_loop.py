@@ -6,6 +6,7 @@ One forward pass per micro-batch; `losses.derta_loss` splits it into the MLE and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 
 from derta.batching import collate, epoch_batches
 from derta.config import DertaConfig, dump_config
-from derta.losses import derta_loss
+from derta.losses import derta_loss, hidden_only_kwargs
 
 STATE_FILE = "trainer_state.pt"
 FAULT_MARKER = ".fault_injected"
@@ -68,29 +69,12 @@ def build_model(model_path: str, cfg: DertaConfig, device: torch.device, resume_
     return model
 
 
-def fsdp_kwargs(model) -> dict:
-    """Shard per decoder layer, bf16 compute with fp32 master weights; use_orig_params lets frozen base weights and
-    trainable LoRA weights share a shard unit."""
-    import functools
-
-    from torch.distributed.fsdp import MixedPrecision
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    layer_classes = {type(module) for name, module in model.named_modules() if name.endswith("layers.0")}
-    return {
-        "auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes),
-        "mixed_precision": MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-        "use_orig_params": True,
-    }
-
-
 def unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, cfg: DertaConfig, state: dict,
-                    model_state: dict | None = None) -> None:
-    unwrap(model).save_pretrained(directory, safe_serialization=True, state_dict=model_state)
+def save_checkpoint(directory: Path, model, tokenizer, cfg: DertaConfig, state: dict) -> None:
+    unwrap(model).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / "derta_config.yaml").write_text(dump_config(cfg))
     torch.save(state, directory / STATE_FILE)
@@ -150,24 +134,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     output_dir = loop_config["output_dir"]
 
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = checkpoint.to_directory() if checkpoint else None
-    state = torch.load(Path(resume_dir) / STATE_FILE, weights_only=False) if resume_dir else None
-
-    tokenizer = load_tokenizer(loop_config["model_path"])
-    model = build_model(loop_config["model_path"], cfg, device, resume_dir)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=train.strategy,
-                                          parallel_strategy_kwargs=fsdp_kwargs(model) if train.strategy == "fsdp"
-                                          else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    fsdp = train.strategy == "fsdp"
     batches_per_epoch, total_steps = loop_config["batches_per_epoch"], loop_config["total_steps"]
-    warmup = int(train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.scheduler, warmup, total_steps))
+    tokenizer = load_tokenizer(loop_config["model_path"])
+    checkpoint = ray.train.get_checkpoint()
+    # as_directory: a checkpoint on local/shared storage is read in place (each rank reads only its shards)
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+        model, params, optimizer, scheduler, state = _setup(loop_config, cfg, device, resume_dir, total_steps)
+    lm_head = unwrap(model).get_output_embeddings()
     step, epoch, batch_in_epoch = 0, 0, 0
     if state:
-        _load_optimizer(model, optimizer, state["optimizer"], cfg)
-        scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if rank == 0:
             _truncate_metrics(output_dir, step)
@@ -186,12 +162,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
             if index < batch_in_epoch:
                 continue  # data position of a resumed run: skip what was already trained
+            if micro % train.grad_accum == 0:
+                # per optimizer step, so dropout masks are the same after a resume as in an uninterrupted run
+                torch.manual_seed(train.seed + 1_000_003 * step + rank)
             batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer.pad_token_id, pad_multiple).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            terms = derta_loss(logits, batch["labels"], batch["rto_mask"], train.mle_weight, train.rto_weight,
-                               train.loss_weighting, train.rto_keep_fraction)
-            (terms.total / train.grad_accum).backward()
+            sync = (micro + 1) % train.grad_accum == 0  # gradients are reduced on the last micro-batch only
+            with _gradient_sync(model, sync, fsdp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    # final hidden states, no logits: the loss projects only supervised positions to the vocab
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                **hidden_only_kwargs(device))
+                    terms = derta_loss(out.hidden_states[-1], batch["labels"], batch["rto_mask"], train.mle_weight,
+                                       train.rto_weight, train.loss_weighting, train.rto_keep_fraction,
+                                       lm_head=lm_head)
+                (terms.total / train.grad_accum).backward()
             window["mle"] += float(terms.mle) * terms.n_mle
             window["rto"] += float(terms.rto) * terms.n_rto
             window["n_mle"] += terms.n_mle
@@ -202,7 +186,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if micro % train.grad_accum:
                 continue
             if train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                clip_global_norm(params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -218,15 +202,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _log(output_dir, metrics)
             if step % train.checkpoint_every == 0 or is_last:
                 next_position = (epoch, batch_in_epoch) if batch_in_epoch < batches_per_epoch else (epoch + 1, 0)
-                model_state, optimizer_state = _full_state(model, optimizer, cfg)
-                state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step,
+                state = {"scheduler": scheduler.state_dict(), "step": step,
                          "epoch": next_position[0], "batch_in_epoch": next_position[1]}
-                _report(metrics, model, tokenizer, cfg, state, rank, model_state)
+                if fsdp:
+                    _report_sharded(metrics, model, optimizer, tokenizer, cfg, state, loop_config, is_last)
+                else:
+                    state["optimizer"] = optimizer.state_dict()
+                    _report(metrics, model, tokenizer, cfg, state, rank)
             elif "loss" in metrics:
                 ray.train.report(metrics)
         if step >= total_steps:
             break
         epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _setup(loop_config: dict, cfg: DertaConfig, device, resume_dir: str | None, total_steps: int):
+    """(model, trainable params, optimizer, scheduler, resumed trainer state or None)."""
+    import ray.train.torch
+
+    train = cfg.train
+    if train.strategy == "fsdp":
+        from derta.fsdp import build_fsdp_model
+
+        model = build_fsdp_model(loop_config["model_path"], cfg, device)
+    else:
+        model = build_model(loop_config["model_path"], cfg, device, resume_dir)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    warmup = int(train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.scheduler, warmup, total_steps))
+    state = None
+    if resume_dir and train.strategy == "fsdp":
+        from derta.checkpoint import load_sharded
+
+        state = load_sharded(resume_dir, model, optimizer, cfg)
+    elif resume_dir:
+        state = torch.load(Path(resume_dir) / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+    if state:
+        scheduler.load_state_dict(state["scheduler"])
+    return model, params, optimizer, scheduler, state
 
 
 def _quiet_report_log() -> None:
@@ -278,30 +294,7 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _load_optimizer(model, optimizer, optimizer_state: dict, cfg: DertaConfig) -> None:
-    if cfg.train.strategy != "fsdp":
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optimizer_state,
-                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _full_state(model, optimizer, cfg: DertaConfig) -> tuple[dict | None, dict]:
-    """(model state dict or None for "take it from the module", optimizer state). Under FSDP this is a
-    collective that gathers full, unsharded tensors (to CPU) and must run on every rank."""
-    if cfg.train.strategy != "fsdp":
-        return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank: int,
-            model_state: dict | None = None) -> None:
+def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank: int) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -309,5 +302,39 @@ def _report(metrics: dict, model, tokenizer, cfg: DertaConfig, state: dict, rank
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, tokenizer, cfg, state, model_state)
+        save_checkpoint(Path(tmp), model, tokenizer, cfg, state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _report_sharded(metrics: dict, model, optimizer, tokenizer, cfg: DertaConfig, state: dict, loop_config: dict,
+                    is_last: bool) -> None:
+    """Every rank writes its DCP shard into a local directory and reports it; Ray Train merges the ranks' files
+    into one checkpoint directory. The last checkpoint also carries the HF export (rank 0), which the driver copies
+    to OUTPUT/final."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from derta.checkpoint import export_final, save_sharded
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sharded(Path(tmp), model, optimizer, cfg, state)
+        if is_last:
+            export_final(Path(tmp), model, tokenizer, cfg, loop_config["model_path"])
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _gradient_sync(model, sync: bool, fsdp: bool):
+    """No gradient all-reduce / reduce-scatter on accumulation micro-steps: FSDP2 keeps the unsharded gradients
+    (set_requires_gradient_sync), DDP accumulates locally (no_sync)."""
+    if fsdp:
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_global_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    from derta.fsdp import clip_global_norm as clip
+
+    return clip(params, max_norm)

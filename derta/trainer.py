@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from derta.checkpoint import SHARD_PATTERNS
 from derta.config import ConfigError, DertaConfig
 from derta.train_loop import STATE_FILE, plan_steps, train_loop_per_worker
 
@@ -31,9 +32,6 @@ def preflight(cfg: DertaConfig) -> str:
         if available < needed and not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(f"train.use_gpu=true needs {needed:g} GPUs but the Ray cluster has {available:g}; "
                               "set train.use_gpu=false or add GPU nodes")
-    if train.strategy == "fsdp" and not train.use_gpu:
-        raise ConfigError("train.strategy=fsdp needs GPUs (Ray Train runs FSDP only with use_gpu=true); "
-                          "use train.strategy=ddp on CPU")
     if cfg.data.max_length < 16:
         raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for prompt + response")
     return model_path
@@ -92,7 +90,8 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     with result.checkpoint.as_directory() as directory:
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(directory, final, ignore=shutil.ignore_patterns(STATE_FILE))
+        # the HF export of the last checkpoint, without its trainer state / DCP shards
+        shutil.copytree(directory, final, ignore=shutil.ignore_patterns(STATE_FILE, *SHARD_PATTERNS))
     from derta.modeling import load_tokenizer
     from derta.tokens import write_generation_config
 

@@ -119,3 +119,69 @@ def test_probe_logits_summary():
     assert result.first_crossing == 1
     assert result.top_token_ids[1] == 0
     assert math.isclose(result.mean_prob, sum(result.refusal_prob) / 4)
+
+
+def test_chunked_supervised_ce_matches_one_shot_values_and_gradients():
+    """The chunked, recomputed CE (long batches) gives the same terms and logits gradient as one chunk."""
+    from derta import losses
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40, 11)
+    labels = torch.randint(0, 11, (3, 40))
+    labels[:, :7] = X  # prompts
+    labels[1, 30:] = X  # padding
+    rto = torch.zeros(3, 40, dtype=torch.bool)
+    rto[2, 10:25] = True
+    results = []
+    for chunk in (10_000, 16):
+        leaf = logits.clone().requires_grad_(True)
+        original = losses.CE_CHUNK_ROWS
+        losses.CE_CHUNK_ROWS = chunk
+        try:
+            ce, _ = losses.supervised_token_losses(leaf, labels, chunk_rows=chunk)
+            terms = derta_loss(leaf, labels, rto)
+        finally:
+            losses.CE_CHUNK_ROWS = original
+        (terms.total + ce.sum()).backward()
+        results.append((terms, leaf.grad))
+    (one, grad_one), (chunked, grad_chunked) = results
+    assert (one.n_mle, one.n_rto) == (chunked.n_mle, chunked.n_rto) == (3 * 33 - 10 - 15, 15)
+    assert torch.allclose(one.total, chunked.total) and torch.allclose(one.rto, chunked.rto)
+    assert torch.allclose(grad_one, grad_chunked, atol=1e-6)
+    mle_terms, rto_terms = _manual(logits, labels, rto)
+    assert math.isclose(one.mle.item(), sum(mle_terms) / len(mle_terms), rel_tol=1e-5)
+
+
+def test_loss_from_hidden_states_equals_loss_from_full_logits():
+    """The training path (final hidden states + lm_head on supervised rows only, no [B, T, V] logits) gives the
+    same terms and the same parameter gradients as the full-logits path, chunked or not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from derta import losses
+    from derta.losses import hidden_only_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    tokens = torch.randint(0, 50, (2, 9))
+    labels = tokens.clone()
+    labels[:, :3] = X
+    rto = torch.zeros_like(labels, dtype=torch.bool)
+    rto[1, 3:] = True
+    full = derta_loss(model(input_ids=tokens).logits, labels, rto)
+    full.total.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for chunk in (10_000, 4):
+        model.zero_grad()
+        out = model(input_ids=tokens, **hidden_only_kwargs("cpu"))
+        assert out.logits.numel() == 0
+        original, losses.CE_CHUNK_ROWS = losses.CE_CHUNK_ROWS, chunk
+        try:
+            terms = derta_loss(out.hidden_states[-1], labels, rto, lm_head=model.get_output_embeddings())
+        finally:
+            losses.CE_CHUNK_ROWS = original
+        terms.total.backward()
+        assert (terms.n_mle, terms.n_rto) == (full.n_mle, full.n_rto) == (6, 6)
+        assert torch.allclose(terms.total, full.total, atol=1e-6)
+        for name, p in model.named_parameters():
+            assert torch.allclose(p.grad, expected[name], atol=1e-6), name
