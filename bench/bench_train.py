@@ -2,6 +2,7 @@
 
     python bench/bench_train.py [--threads 2] [--steps 35] [--warm-steps 5] [--ray-workers 2] [--repeats 1]
                                 [--trl-grouped] [--trl-defaults] [--no-random-diag]
+    python bench/bench_train.py --ray-only --ray-strategies ddp,fsdp     # FSDP2 vs DDP step cost, 2 CPU workers
 
 Everything runs on the tiny Llama from `resolve_model_path(load_config('tiny').model, ...)` (random init, fp32,
 sdpa), on the same DeRTa examples (helpful + harmful_prefix + rto rows of the synthetic corpus, derta mode), with the
@@ -37,6 +38,8 @@ With --repeats N, plain_loop and trl alternate N times (ABAB) and their windows 
 The machine is shared and noisy: OMP_WAIT_POLICY defaults to PASSIVE here (see below) and the load average is printed.
 Runtime: ~3-4.5 minutes on the 2-core box (Ray startup + run_training's data prep and worker start are ~1-1.5 of them).
 Padding waste = pad tokens / all tokens in the batches each trainer actually ran (TRL: its collator's output).
+With --ray-strategies ddp,fsdp each Ray run is repeated with train.strategy=fsdp (FSDP2, gloo on CPU) and the
+FSDP2/DDP step cost ratio (median windows) is printed; --ray-only skips everything else.
 Ratios printed last: derta_ray/trl (target >= 2x), plain_loop/trl (~4x expected), derta_ray/plain_loop.
 """
 from __future__ import annotations
@@ -314,12 +317,12 @@ def run_trl(model_path: str, cfg, rows: list[dict], steps: int, warm: int, workd
 
 
 # -------------------------------------------------------------------------------------------- Ray Train
-def run_ray(cfg, workers: int, threads: int, steps: int, warm: int, output: Path) -> dict:
+def run_ray(cfg, workers: int, threads: int, steps: int, warm: int, output: Path, strategy: str = "ddp") -> dict:
     from derta.trainer import run_training
 
     train = cfg.train.model_copy(update={
         "num_workers": workers, "torch_threads": max(1, threads // workers), "max_steps": steps, "log_every": warm,
-        "checkpoint_every": 10 * steps, "max_failures": 0, "run_name": f"bench-w{workers}"})
+        "checkpoint_every": 10 * steps, "max_failures": 0, "run_name": f"bench-w{workers}", "strategy": strategy})
     run_cfg = cfg.model_copy(update={"train": train})
     started = time.perf_counter()
     run_training(run_cfg, output)
@@ -335,6 +338,47 @@ def run_ray(cfg, workers: int, threads: int, steps: int, warm: int, output: Path
             "workers": workers, "threads_per_worker": train.torch_threads}
 
 
+def report_strategies(results: dict) -> None:
+    """FSDP2 vs DDP: the same Ray run (workers, threads, batches) per strategy; step cost = 1 / median tok/s."""
+    for name, r in results.items():
+        print(f"{name:<22} {r['tok_s']:8.0f} tok/s (median window), {r['seconds'] / max(r['windows'], 1):.1f} s per "
+              f"window, strategy {r['strategy']}, {r['workers']} workers x {r['threads_per_worker']} threads")
+    for name in [n for n in results if results[n]["strategy"] == "fsdp"]:
+        ddp = name.replace("_fsdp", "")
+        if ddp in results:
+            print(f"ratio {name}/{ddp} step cost = {results[ddp]['tok_s'] / results[name]['tok_s']:.2f}x "
+                  "(FSDP2 vs DDP, same workers, median windows)")
+
+
+def run_ray_section(cfg, args, tmp: Path, results: dict) -> float:
+    """The derta_ray runs (each worker count x strategy) into `results`; returns the ray.init time."""
+    ray_startup = 0.0
+    ray_workers = [int(w) for w in args.ray_workers.split(",") if int(w) > 0]
+    if ray_workers:
+        import logging
+
+        import ray
+
+        from derta.runtime import quiet_data
+
+        started = time.perf_counter()
+        # init_ray(num_cpus=4) as in the test suite (2 train workers + a Ray Data stage fit), no worker log echo
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        quiet_data()
+        ray_startup = time.perf_counter() - started
+        log(f"ray startup (ray.init): {ray_startup:.1f}s (not timed)")
+        for workers, strategy in [(w, s) for w in ray_workers for s in args.ray_strategies.split(",")]:
+            name = f"derta_ray_w{workers}" + ("" if strategy == "ddp" else f"_{strategy}")
+            run = run_ray(cfg, workers, args.threads, args.steps, args.warm_steps, tmp / name, strategy)
+            run["strategy"] = strategy
+            results[name] = run | summarize(run["windows"])
+            log(f"b) {name}: {results[name]['tok_s']:.0f} tok/s (median window); run_training wall "
+                f"{run['wall_s']:.1f}s of which startup/prep/teardown {run['startup_s']:.1f}s (not timed)")
+        ray.shutdown()
+
+    return ray_startup
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,6 +391,10 @@ def main() -> None:
     parser.add_argument("--no-random-diag", action="store_true", help="skip plain_loop_random_batches")
     parser.add_argument("--ray-workers", default="2",
                         help="comma list, e.g. 1,2 (each is one run_training); 0 skips Ray")
+    parser.add_argument("--ray-strategies", default="ddp",
+                        help="comma list of train.strategy for the Ray runs, e.g. ddp,fsdp (FSDP2 vs DDP step cost)")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="only the Ray runs (skip part a, plain_loop and TRL), e.g. for --ray-strategies ddp,fsdp")
     parser.add_argument("--trl-grouped", action="store_true", help="also run TRL with group_by_length")
     parser.add_argument("--trl-defaults", action="store_true",
                         help="also run TRL with SFTConfig's defaults (bf16 autocast, gradient checkpointing)")
@@ -379,6 +427,10 @@ def main() -> None:
             f"group_buffer_batches={cfg.train.group_buffer_batches}, threads={args.threads}, cpus={os.cpu_count()}, "
             f"torch {torch.__version__}")
 
+        if args.ray_only:
+            run_ray_section(cfg, args, tmp, results)
+            report_strategies(results)
+            return
         # ---- a
         tokenizer = load_tokenizer(model_path)
         step_batches = [collate(b, tokenizer.pad_token_id) for b in
@@ -418,28 +470,7 @@ def main() -> None:
             results[name] = summarize([w for run in measured for w in run["windows"]])
             results[name].update(runs=len(measured), setup_s=measured[0].get("setup_s"))
 
-        ray_startup = 0.0
-        ray_workers = [int(w) for w in args.ray_workers.split(",") if int(w) > 0]
-        if ray_workers:
-            import logging
-
-            import ray
-
-            from derta.runtime import quiet_data
-
-            started = time.perf_counter()
-            # init_ray(num_cpus=4) as in the test suite (2 train workers + a Ray Data stage fit), no worker log echo
-            ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-            quiet_data()
-            ray_startup = time.perf_counter() - started
-            log(f"ray startup (ray.init): {ray_startup:.1f}s (not timed)")
-            for workers in ray_workers:
-                name = f"derta_ray_w{workers}"
-                run = run_ray(cfg, workers, args.threads, args.steps, args.warm_steps, tmp / name)
-                results[name] = run | summarize(run["windows"])
-                log(f"b) {name}: {results[name]['tok_s']:.0f} tok/s (median window); run_training wall "
-                    f"{run['wall_s']:.1f}s of which startup/prep/teardown {run['startup_s']:.1f}s (not timed)")
-            ray.shutdown()
+        ray_startup = run_ray_section(cfg, args, tmp, results)
 
         # ---- report
         print(f"\n== a) one training step, same batches, same model, {args.threads} threads ({len(step_batches)} "
