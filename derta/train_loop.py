@@ -270,11 +270,16 @@ def _window_metrics(window: dict, scheduler, step: int, total_steps: int, epoch:
 
 
 def _truncate_metrics(output_dir: str, step: int) -> None:
-    """Drop log lines of steps after the checkpoint we resume from (they are about to be redone)."""
+    """Drop log lines of steps after the checkpoint we resume from (they are about to be redone); the dropped
+    lines go to metrics.redone.jsonl, so a resumed step can be compared with its first run."""
     path = Path(output_dir) / "metrics.jsonl"
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = [line for line in path.read_text().splitlines() if line]
+        dropped = [line for line in lines if json.loads(line)["step"] > step]
+        if dropped:
+            with (Path(output_dir) / "metrics.redone.jsonl").open("a") as f:
+                f.write("".join(line + "\n" for line in dropped))
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
 
 
 def _log(output_dir: str, metrics: dict) -> None:
