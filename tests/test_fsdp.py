@@ -1,5 +1,5 @@
-"""FSDP2 on CPU (gloo): sharded meta-init model == unsharded model, global-norm clipping; through Ray Train, full and
-LoRA runs killed mid-run resume from the sharded (DCP) checkpoint onto the uninterrupted run's loss curve."""
+"""FSDP2 on CPU (gloo, 2 processes): the meta-built, rank-0-broadcast sharded model equals the unsharded model, and
+clipping uses the global gradient norm. (The Ray Train end-to-end resume test is on branch `scale`, not landed.)"""
 import json
 import math
 import socket
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from derta.config import LoraConfig
 
 pytestmark = pytest.mark.slow
 
@@ -65,47 +64,3 @@ def test_sharded_meta_init_model_equals_full_model_and_clips_by_global_norm(tiny
     # the norm every rank clips by is the whole model's, not its shard's
     assert math.isclose(result["norm"], result["full_norm"], rel_tol=1e-4)
     assert math.isclose(result["clipped_norm"], 1e-3, rel_tol=1e-3)
-
-
-def _cfg(tiny_config, **train):
-    small = tiny_config.data.synthetic.model_copy(update={"n_helpful": 240, "n_harmful": 80, "n_lookalike": 20})
-    data = tiny_config.data.model_copy(update={"synthetic": small, "max_length": 128})
-    base = dict(strategy="fsdp", num_workers=2, batch_size=8, max_steps=6, checkpoint_every=3, log_every=1,
-                torch_threads=1, max_failures=2, lr=3e-3, warmup_ratio=0.0)
-    return tiny_config.model_copy(update={"data": data, "train": tiny_config.train.model_copy(
-        update={**base, **train})})
-
-
-def _losses(run: Path, name: str = "metrics.jsonl") -> list[tuple[int, float]]:
-    return [(m["step"], m["loss"]) for m in map(json.loads, (run / name).read_text().splitlines())]
-
-
-@pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("lora", [None, LoraConfig(r=4, alpha=8)], ids=["full", "lora"])
-def test_fsdp_run_killed_mid_run_resumes_from_sharded_checkpoint_on_the_same_curve(tiny_config, tmp_path, lora):
-    """Rank 1 crashes after step 5 (rank 0 has logged step 4); the run restarts from the step-3 sharded checkpoint
-    and redoes steps 4-6: the redone step 4 must reproduce the loss of its first run."""
-    from derta.trainer import run_training
-
-    run = tmp_path / "fault"
-    final = run_training(_cfg(tiny_config, lora=lora, fault_at_step=5), run)
-    assert (run / ".fault_injected").read_text() == "5"
-
-    resumed = _losses(run)
-    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
-    first_runs = dict(_losses(run, "metrics.redone.jsonl"))
-    assert set(first_runs) == {4}, first_runs  # logged before the crash, redone after the resume from step 3
-    assert math.isclose(first_runs[4], dict(resumed)[4], rel_tol=1e-4), (first_runs, resumed)
-    assert resumed[-1][1] < resumed[0][1]
-
-    # sharded checkpoints: one DCP file per rank, written by that rank, plus the metadata
-    checkpoints = sorted({p.parent for p in (run / "checkpoints").rglob(".metadata")})
-    assert checkpoints and all(len(list(c.glob("*.distcp"))) == 2 for c in checkpoints)
-    assert not list(final.glob("*.distcp")) and not (final / "trainer_state.json").exists()
-    if lora is None:
-        from transformers import AutoModelForCausalLM
-
-        assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size > 0
-    else:
-        assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
-        assert not (final / "model.safetensors").exists()
