@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serve_utils import free_port, sse_events, wait_ready
 
 API_KEY = "test-key"
 MAX_INPUT_TOKENS = 256
@@ -22,21 +22,6 @@ MAX_NEW_TOKENS = 64
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = ["How do I bake bread?", "Why is the sky blue?", "Explain water.", "Make a cake step by step.",
            "What is light scattering?", "Tell me a story about a model."]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(client, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.2)
-    raise TimeoutError("the app never became ready")
 
 
 def overrides(tiny_config, *extra: str) -> list[str]:
@@ -78,11 +63,6 @@ def generate(client, prompt: str, **fields) -> dict:
     response = client.post("/generate", json={"prompt": prompt, **fields})
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def sse_events(response) -> list:
-    lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
-    return [line if line == "[DONE]" else json.loads(line) for line in lines]
 
 
 def assert_field_error(response, status: int, field: str, text: str | None = None) -> None:
