@@ -1,6 +1,7 @@
 """The Ray Data pipeline end to end: readers on the shared files, quarantine, thresholds, `derta data prepare`."""
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -253,7 +254,7 @@ def test_training_streams_the_prepared_parquet_once_and_reshuffles_per_epoch(tin
     small = tiny_config.data.synthetic.model_copy(update={"n_helpful": 300, "n_harmful": 100, "n_lookalike": 20})
     cfg = _cfg(tiny_config, tiny_path, synthetic=small, read_chunk_mb=0.02)  # several pieces -> several files
     dataset, ingest, stats = prepare_training_data(cfg, tiny_path, tmp_path / "data")
-    files = sorted(str(p) for p in (tmp_path / "data" / "examples").glob("*.parquet"))
+    files = sorted(str(p) for p in Path(stats["examples_dir"]).glob("*.parquet"))  # the cache entry, wherever it is
     n = sum(stats["examples_by_kind"].values())
     assert len(files) > 1 and n == pq.read_table(files).num_rows
     assert not isinstance(dataset, MaterializedDataset) and dataset.count() == n  # a lazy read of those files
