@@ -179,7 +179,11 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 
     context = getattr(model.config, "max_position_embeddings", None)
     if context:
-        prompts = [p[-(context - max_new_tokens):] for p in prompts]
+        keep = context - max_new_tokens
+        if keep < 1:  # p[-0:] would keep the whole prompt and run past the context
+            raise ValueError(f"eval.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {context} tokens (max_position_embeddings); lower it below {context}")
+        prompts = [p[-keep:] for p in prompts]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)

@@ -13,29 +13,24 @@ from pathlib import Path
 
 from derta.config import ConfigError
 from derta.judge_models import JudgeFallbackError, judge_counts, make_judge
-from derta.suites import EvalItem
+from derta.suites import EvalItem, read_jsonl
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a bad line raises ConfigError naming file:line."""
-    if not path.exists():
+    """Rows of a JSONL file of (prompt, completion[, prefix]); a bad line raises ConfigError naming file:line.
+    Completions may be empty (a model can answer nothing)."""
+    if not path.is_file():
         raise ConfigError(f"input file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8", errors="replace") as src:
-        for number, line in enumerate(src, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{number}: not JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("completion"), str):
-                raise ConfigError(f"{path}:{number}: need a JSON object with string 'prompt' and 'completion'")
-            if row.get("prefix") is not None and not isinstance(row["prefix"], str):
-                raise ConfigError(f"{path}:{number}: 'prefix' must be a string")
-            rows.append(row)
-    return rows
+    try:
+        numbered = read_jsonl(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for number, row in numbered:
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise ConfigError(f"{path}:{number}: need a JSON object with string 'prompt' and 'completion'")
+        if row.get("prefix") is not None and not isinstance(row["prefix"], str):
+            raise ConfigError(f"{path}:{number}: 'prefix' must be a string")
+    return [row for _, row in numbered]
 
 
 def judge_file(input_path: Path, output: Path, ev) -> dict:

@@ -109,10 +109,11 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _read_jsonl(path: Path, required: Sequence[str]) -> list[tuple[int, dict]]:
-    """(line number, row) for each non-blank line; every `required` key must be a non-empty string."""
+def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; every `required` key must be a non-empty string. Errors name
+    file:line."""
     rows = []
-    with _require(path).open(encoding="utf-8") as handle:
+    with _require(path).open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -160,7 +161,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict]]:
 def _question_suite(suite: str, data_dir: Path, filename: str, kind: str = "harmful", **meta) -> list[EvalItem]:
     path = data_dir / PAPER_TEST / filename
     return [EvalItem(id=f"{suite}:{i}", suite=suite, prompt=row["question"], kind=kind, meta=dict(meta))
-            for i, (_, row) in enumerate(_read_jsonl(path, ["question"]))]
+            for i, (_, row) in enumerate(read_jsonl(path, ["question"]))]
 
 
 # ------------------------------------------------------------------------------------------------ harmful
@@ -204,7 +205,7 @@ _MALICIOUS_PREFIX = re.compile(r"\A### Instruction:\n(?P<prompt>.+?)\n\n### Resp
 def _prefill_malicious(data_dir: Path) -> list[EvalItem]:
     path = data_dir / "derta-paper" / "train" / "malicious_tuning_data_330.jsonl"
     items = []
-    for i, (number, row) in enumerate(_read_jsonl(path, ["prefix", "text"])):
+    for i, (number, row) in enumerate(read_jsonl(path, ["prefix", "text"])):
         match = _MALICIOUS_PREFIX.match(row["prefix"])
         if not match or not match.group("prompt").strip():
             raise ValueError(f"{path}:{number}: 'prefix' is not '### Instruction:\\n<prompt>\\n\\n### Response:'")
@@ -246,7 +247,7 @@ def _xstest(data_dir: Path) -> list[EvalItem]:
 def _gsm8k(data_dir: Path) -> list[EvalItem]:
     path = data_dir / PAPER_TEST / "helpfulness_gsm8k_500.jsonl"
     items = []
-    for i, (number, row) in enumerate(_read_jsonl(path, ["question", "answer"])):
+    for i, (number, row) in enumerate(read_jsonl(path, ["question", "answer"])):
         if "####" not in row["answer"]:
             raise ValueError(f"{path}:{number}: 'answer' has no '#### <number>' line")
         reference = extract_gsm8k_answer(row["answer"])
@@ -265,7 +266,7 @@ _MMLU_OPTION = re.compile(r"^-\(([A-D])\)\s?(.*)$", re.M)
 def _mmlu(data_dir: Path) -> list[EvalItem]:
     path = data_dir / PAPER_TEST / "helpfulness_mmlu_500.jsonl"
     items = []
-    for i, (number, row) in enumerate(_read_jsonl(path, ["question", "answer"])):
+    for i, (number, row) in enumerate(read_jsonl(path, ["question", "answer"])):
         answer = row["answer"].strip().upper()
         if answer not in ("A", "B", "C", "D"):
             raise ValueError(f"{path}:{number}: 'answer' must be one of A-D, got {row['answer']!r}")
@@ -302,7 +303,7 @@ def _synthetic_rows(suite: str, path: str | os.PathLike | None, need: str) -> li
         files = [_require(root)]
     rows = []
     for file in files:
-        for number, row in _read_jsonl(file, []):
+        for number, row in read_jsonl(file, []):
             tag = next((str(row[k]) for k in ("kind", "category", "split") if row.get(k)), "")
             if tag in ("helpful", "harmful", "lookalike") and tag not in accepted:
                 continue

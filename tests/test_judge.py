@@ -237,3 +237,18 @@ def test_judge_is_fast():
     for _ in range(5):
         judge_completion("p", text)
     assert (time.process_time() - start) / 5 < 0.5
+
+
+def test_judge_file_rows_name_file_and_line_of_a_bad_row(tmp_path):
+    from derta.config import ConfigError
+    from derta.judge_file import read_rows
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "completion": ""}\n\n{"prompt": "q", "completion": "c", "prefix": "x"}\n')
+    assert [r["prompt"] for r in read_rows(good)] == ["p", "q"]
+    for body, why in [('{"prompt": "p"}\n', "string 'prompt' and 'completion'"), ("{oops\n", "invalid JSON"),
+                      ('{"prompt": "p", "completion": "c", "prefix": 3}\n', "'prefix' must be a string")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "p", "completion": "c"}\n' + body)
+        with pytest.raises(ConfigError, match=rf"bad.jsonl:2: .*{why}"):
+            read_rows(bad)
