@@ -29,6 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray starts its workers at niceness 15 (RAY_worker_niceness); a bench runs them at the priority of the process it
+# compares them with, or any niced background work on the machine skews the ratio against Ray.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import torch  # noqa: E402
 
