@@ -2,7 +2,8 @@
 
 One module-scoped Serve instance on a free loopback port runs the main app through `start_local` (what
 `derta serve` runs: default model + a registry alias, API key on); the overload test deploys a second small app
-through `build_app` (the serve_config.yaml import path) with max_ongoing=1 / max_queued=1, then deletes it.
+through `build_app` (the serve_config.yaml import path) with max_ongoing=1 / max_queued=1, and the token-budget
+test one with a small serve.max_inflight_tokens; each is deleted after its test.
 """
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def test_batched_output_equals_unbatched_at_temperature_zero(client):
     sequential = [generate(client, p, max_new_tokens=20) for p in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         concurrent = list(pool.map(lambda p: generate(client, p, max_new_tokens=20), PROMPTS))
-    assert max(r["batch_size"] for r in concurrent) > 1, "concurrent requests were never batched"
+    # whether these happened to share a batch depends on timing; the budget test checks batching deterministically
     assert [r["text"] for r in concurrent] == [r["text"] for r in sequential]
 
 
@@ -407,8 +408,15 @@ def test_limits_unknown_models_and_junk_payloads(client):
 
 
 # ============================================================================================ overload
+# Contention-proof overload tests: the admitted requests are held in flight by a long `batch_wait_timeout_s` (a lone
+# request waits that long for batch mates before it runs), so the concurrent requests that arrive meanwhile meet a
+# full replica however slowly this machine runs them. The tests assert invariants (status set, error shape, Retry-After,
+# health and a fully released budget afterwards), never wall-clock times; bench/bench_serve.py measures latencies.
+HOLD_S = 8
+
+
 @pytest.mark.slow
-def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_path, monkeypatch):
+def test_overload_gives_503_with_retry_after_and_recovers(server, tiny_config, tiny_path, monkeypatch):
     import httpx
     from ray import serve
 
@@ -418,30 +426,90 @@ def test_overload_gives_fast_503_and_recovers(server, client, tiny_config, tiny_
 
     app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
         tiny_config, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
-        "serve.max_new_tokens=256")})
+        "serve.max_batch_size=16", f"serve.batch_wait_timeout_s={HOLD_S}")})
     serve.run(app, name="overload", route_prefix="/overload", blocking=False)
     try:
-        with httpx.Client(base_url=f"{server}/overload", timeout=120) as http:
+        with httpx.Client(base_url=f"{server}/overload", timeout=300) as http:
             wait_ready(http)
-            slow = {"prompt": "How do I bake bread?", "max_new_tokens": 256}
-
-            def timed_post(_):
-                started = time.perf_counter()
-                return http.post("/generate", json=slow), time.perf_counter() - started
-
+            body = {"prompt": "How do I bake bread?", "max_new_tokens": 8}
             with ThreadPoolExecutor(12) as pool:
-                results = list(pool.map(timed_post, range(12)))
-            statuses = [response.status_code for response, _ in results]
-            assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
-            slowest_200 = max(seconds for response, seconds in results if response.status_code == 200)
-            assert all(seconds < slowest_200 for response, seconds in results if response.status_code == 503)
-            assert any("overloaded" in response.text for response, _ in results if response.status_code == 503)
-            assert all(response.headers["retry-after"] == "1" and response.json()["error"]["type"]
-                       for response, _ in results if response.status_code == 503)
+                results = list(pool.map(lambda _: http.post("/generate", json=body), range(12)))
+            statuses = [response.status_code for response in results]
+            # capacity 2 (one ongoing + one queued) against 12: some are turned away, nothing else fails
+            assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+            for response in results:
+                if response.status_code == 503:
+                    assert response.headers["retry-after"] == "1", response.headers
+                    assert response.json()["error"]["code"] == "overloaded", response.text
+                else:
+                    assert response.json()["completion_tokens"] >= 1, response.text
             assert http.get("/health").status_code == 200
             assert http.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     finally:
         serve.delete("overload")
+
+
+@pytest.mark.slow
+def test_token_budget_turns_excess_load_into_503_and_is_released(server, client, tiny_config, tiny_path, monkeypatch):
+    """serve.max_inflight_tokens over HTTP: concurrent /probe and /v1/completions requests that together exceed
+    the replica's token budget get 503 + Retry-After in OpenAI's shape (budget code), the rest complete; a request
+    that can never fit is a 413; afterwards the whole budget is free again."""
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    monkeypatch.delenv("DERTA_API_KEY", raising=False)
+    probe_body = {"prompt": "How do I bake bread?", "response": "First mix the flour and water, then knead it."}
+    completion_body = {"model": "derta", "prompt": "Why is the sky blue?", "max_tokens": 8, "temperature": 0}
+    # each request's cost in the budget's units, measured on the main app (same model and tokenizer)
+    probed = client.post("/probe", json=probe_body).json()
+    probe_cost = probed["prompt_tokens"] + probed["response_tokens"]
+    completion_cost = client.post("/v1/completions", json=completion_body).json()["usage"]["prompt_tokens"] + 8
+    generated = [generate(client, prompt, max_new_tokens=8) for prompt in PROMPTS[:2]]
+    generate_cost = max(result["prompt_tokens"] for result in generated) + 8
+    budget = 2 * max(probe_cost, completion_cost, generate_cost)  # any two requests fit, the eight together do not
+
+    app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
+        tiny_config, f"serve.max_inflight_tokens={budget}", "serve.max_ongoing_requests=32",
+        "serve.max_queued_requests=32", "serve.max_batch_size=16", f"serve.batch_wait_timeout_s={HOLD_S}")})
+    serve.run(app, name="budget", route_prefix="/budget", blocking=False)
+    try:
+        with httpx.Client(base_url=f"{server}/budget", timeout=300) as http:
+            wait_ready(http)
+            calls = [("/probe", probe_body), ("/v1/completions", completion_body)] * 4
+            with ThreadPoolExecutor(len(calls)) as pool:
+                results = list(pool.map(lambda call: (call[0], http.post(call[0], json=call[1])), calls))
+            statuses = [response.status_code for _, response in results]
+            assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+            for route, response in results:
+                if response.status_code == 503:
+                    assert response.headers["retry-after"] == "1", response.headers
+                    error = response.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}, error
+                    assert error["code"] == "overloaded" and "token budget" in error["message"], error
+                    assert error["type"] == "service_unavailable_error", error
+                elif route == "/probe":
+                    assert response.json()["response_tokens"] == probed["response_tokens"], response.text
+                else:
+                    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length"), response.text
+
+            # more than the whole budget can never be admitted: 413 naming the setting, not a retry hint
+            too_big = {**probe_body, "response": probe_body["response"] * (budget // probed["response_tokens"] + 1)}
+            refused = http.post("/probe", json=too_big)
+            assert refused.status_code == 413 and "retry-after" not in refused.headers, refused.text
+            assert "serve.max_inflight_tokens" in refused.json()["error"]["message"], refused.text
+            # every admitted request released its tokens: two requests held together by the batch wait both fit
+            # again, run as one batch, and generate what each generated alone on the main app
+            assert http.get("/health").status_code == 200
+            with ThreadPoolExecutor(2) as pool:
+                again = list(pool.map(lambda prompt: http.post("/generate", json={
+                    "prompt": prompt, "max_new_tokens": 8}), PROMPTS[:2]))
+            assert [response.status_code for response in again] == [200, 200], [r.text for r in again]
+            assert [response.json()["batch_size"] for response in again] == [2, 2]
+            assert [response.json()["text"] for response in again] == [result["text"] for result in generated]
+    finally:
+        serve.delete("budget")
 
 
 def test_deployment_options_follow_the_serve_config():
