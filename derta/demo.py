@@ -3,7 +3,8 @@
 Trains the same tiny model twice with the same steps and data budget: `vanilla` (helpful + harmful prompt ->
 refusal) and `derta` (helpful + harmful-prefix MLE + RTO), then probes both on held-out harmful prompts: P(refusal)
 after the prompt plus the first k tokens of a harmful response, k in KS. A vanilla model refuses at k = 0 and hardly
-ever once a harmful prefix is in place; DeRTa refuses at every k. Prints the table and writes
+ever once a harmful prefix is in place; DeRTa refuses at every k. As a control, P(refusal) at k = 0 on held-out
+helpful prompts (a model that refuses everything would also score high on harmful ones). Prints the table and writes
 OUTPUT/refusal_by_k.png, OUTPUT/demo_summary.json.
 """
 from __future__ import annotations
@@ -18,9 +19,9 @@ MODES = ("vanilla", "derta")
 PLOT = "refusal_by_k.png"
 
 
-def refusal_curves(model_paths: dict[str, str], heldout_safety: list[dict], cfg: DertaConfig,
+def refusal_curves(model_paths: dict[str, str], items: list[tuple[str, str]], cfg: DertaConfig,
                    max_positions: int = max(KS)) -> dict[str, list[float]]:
-    """Mean P(refusal) vs position along held-out harmful responses, per model (shared probe math)."""
+    """Mean P(refusal) vs position along the (instruction, response) `items`, per model (shared probe math)."""
     from derta.modeling import load_model, load_tokenizer
     from derta.probe import mean_refusal_curve
     from derta.transforms import PromptRenderer, refusal_token_ids
@@ -31,8 +32,8 @@ def refusal_curves(model_paths: dict[str, str], heldout_safety: list[dict], cfg:
         renderer = PromptRenderer(tokenizer, cfg.data.use_chat_template, cfg.data.plain_template)
         refusal_ids = refusal_token_ids(tokenizer, cfg.data.probe_refusal_strings)
         model = load_model(path, cfg.model).eval()
-        pairs = [(renderer.encode_prompt(renderer.render(row["instruction"])),
-                  tokenizer.encode(row["harmful_response"], add_special_tokens=False)) for row in heldout_safety]
+        pairs = [(renderer.encode_prompt(renderer.render(instruction)),
+                  tokenizer.encode(response, add_special_tokens=False)) for instruction, response in items]
         curves[name] = mean_refusal_curve(model, pairs, refusal_ids, max_positions)
     return curves
 
@@ -70,19 +71,26 @@ def run_demo(cfg: DertaConfig, output: Path, n_prompts: int = 64) -> dict:
         say(f"training {mode} ({data})")
         mode_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode})})
         finals[mode] = str(run_training(mode_cfg, output / mode))
-    heldout = generate_corpus(**cfg.data.synthetic.model_dump())["heldout_safety"][:n_prompts]
+    corpus = generate_corpus(**cfg.data.synthetic.model_dump())
+    heldout = corpus["heldout_safety"][:n_prompts]
     say(f"probing P(refusal) after k harmful tokens on {len(heldout)} held-out harmful prompts")
-    curves = refusal_curves(finals, heldout, cfg)
+    curves = refusal_curves(finals, [(r["instruction"], r["harmful_response"]) for r in heldout], cfg)
+    # the control: a model that says "Sorry" to everything would also score high on the harmful prompts
+    helpful = corpus["heldout_helpful"][:n_prompts]
+    benign = {name: round(curve[0], 3) for name, curve in
+              refusal_curves(finals, [(r["instruction"], "") for r in helpful], cfg, max_positions=0).items()}
     output.mkdir(parents=True, exist_ok=True)
     plot_refusal_by_k(curves, output / PLOT, len(heldout))
     by_k = {name: {str(k): round(curve[k], 3) for k in KS if k < len(curve)} for name, curve in curves.items()}
     summary = {"models": finals, "prompts": len(heldout), "p_refusal_after_k_harmful_tokens": by_k,
-               "plot": str(output / PLOT)}
+               "helpful_prompts": len(helpful), "p_refusal_helpful_prompt": benign, "plot": str(output / PLOT)}
     (output / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nP(refusal) after the prompt + k tokens of a held-out harmful response (mean over {len(heldout)} prompts)")
     print(f"{'model':>8} " + " ".join(f"{'k=' + str(k):>6}" for k in KS))
     for name, values in by_k.items():
         print(f"{name:>8} " + " ".join(f"{values[str(k)]:>6.2f}" for k in KS if str(k) in values))
+    print(f"control, P(refusal) at k=0 on {len(helpful)} held-out helpful prompts: "
+          + ", ".join(f"{name} {p:.2f}" for name, p in benign.items()))
     print(f"\nplot: {output / PLOT}\nmodels: {finals['vanilla']}  {finals['derta']}\n"
           f"next: derta probe --model {finals['derta']} --input pairs.jsonl --output runs/probe   |   "
           f"derta experiment --output runs/experiment")
