@@ -1,8 +1,8 @@
 """Length-grouped batching: sort a window of rows by length, cut batches, shuffle batch order.
 
 Padding only to the longest row of each batch (rounded up to `pad_multiple`), never to the block size.
-`epoch_batches` feeds the training loop from its Ray Train dataset shard: a seeded local shuffle that differs per
-epoch, then length grouping within windows.
+`derta.train_data.epoch_batches` feeds the training loop: each rank's rows of the prepared Parquet, a seeded shuffle
+that differs per epoch, then length grouping within windows.
 """
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ import numpy as np
 import torch
 
 from derta.transforms import IGNORE_INDEX
-
-# rows a worker shuffles together, in length-grouping windows (batch_size * group_buffer_batches rows each)
-SHUFFLE_BUFFER_WINDOWS = 8
 
 
 def plan_batches(lengths: list[int], batch_size: int, group_buffer_batches: int | None,
@@ -67,18 +64,3 @@ def grouped_batches(row_iter, batch_size: int, group_buffer_batches: int, seed: 
 def _emit(buffer, batch_size, group_buffer_batches, seed):
     for batch in plan_batches([len(r["input_ids"]) for r in buffer], batch_size, group_buffer_batches, seed):
         yield [buffer[i] for i in batch]
-
-
-def epoch_batches(shard, batch_size: int, group_buffer_batches: int, seed: int, epoch: int):
-    """One epoch of length-grouped batches (lists of row dicts) from a Ray Data iterator (`get_dataset_shard`).
-
-    The shard streams the prepared Parquet files in a fixed order; a local shuffle buffer of SHUFFLE_BUFFER_WINDOWS
-    windows, seeded by (seed, epoch), reorders the rows differently every epoch and identically when an epoch is
-    re-run (a resumed run skips its first batches by index). Memory: the buffer, not the dataset.
-    """
-    window = batch_size * group_buffer_batches
-    batches = shard.iter_batches(batch_size=window, batch_format="pyarrow",
-                                 local_shuffle_buffer_size=window * SHUFFLE_BUFFER_WINDOWS,
-                                 local_shuffle_seed=seed * 100_003 + epoch)
-    rows = (row for batch in batches for row in batch.to_pylist())
-    return grouped_batches(rows, batch_size, group_buffer_batches, seed=seed + epoch)

@@ -11,7 +11,7 @@
                                                 worker process
       -> materialize (once)                     then per-block Ray tasks: counts, statistics (derta.data_stats),
                                                 quarantine.jsonl; mix sampling per kind -> Parquet
-      -> training streams the Parquet files every epoch (`prepare_training_data`)
+      -> training streams the Parquet files every epoch (`derta.train_data`)
 
 The three map steps share their options, so Ray Data fuses them: one task per file part runs read -> normalize ->
 tokenize, and a single operator holds all the CPUs (on a small machine, separate operators each got a fixed share).
@@ -626,34 +626,3 @@ def write_prepared(config: DertaConfig, tokenizer_path: str, output: Path, input
     }
     (output / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
-
-
-# ------------------------------------------------------------------------------------------ training
-def prepare_training_data(config: DertaConfig, tokenizer_path: str, output: Path):
-    """(lazy Ray Dataset over the prepared Parquet, Ray Train DataConfig, stats) for `TorchTrainer`.
-
-    The examples are prepared once into `output` (Parquet + stats.json + quarantine.jsonl, as `derta data
-    prepare` writes them) and the object-store copy is released; every epoch streams the files again, so nothing
-    is materialised a second time and a worker holds only its shuffle buffer (see `derta.batching.epoch_batches`).
-    """
-    from derta.datacache import cached_prepare
-
-    stats = cached_prepare(write_prepared, config, tokenizer_path, output)  # content-addressed: prepared once
-    return training_dataset(stats["examples_dir"]), ordered_ingest(), stats
-
-
-def training_dataset(examples_dir: str):
-    import ray
-
-    return ray.data.read_parquet(examples_dir)
-
-
-def ordered_ingest():
-    """Ray Train ingest with preserve_order: the split of the files' rows across workers is then the same in every
-    epoch and after a restart, so a resumed run's data position (batch index in the epoch) skips exactly the rows
-    already trained; each epoch's order comes from the seeded shuffle in `epoch_batches`."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(execution_options=options)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from derta.batching import collate, epoch_batches
+from derta.batching import collate
 from derta.config import DertaConfig, dump_config
 from derta.losses import derta_loss, hidden_only_kwargs
+from derta.train_data import epoch_batches, rank_pieces
 
 STATE_FILE = "trainer_state.pt"
 FAULT_MARKER = ".fault_injected"
@@ -151,12 +152,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     use_autocast = device.type == "cuda"
     pad_multiple = 8 if device.type == "cuda" else 1  # tensor-core friendly shapes only matter on GPU
-    shard = ray.train.get_dataset_shard("train")
+    pieces = rank_pieces(loop_config["examples_dir"], rank, world)  # this rank's rows, the same in every run
     window = {"mle": 0.0, "n_mle": 0, "rto": 0.0, "n_rto": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
     model.train()
     micro = 0
     while step < total_steps:
-        batches = epoch_batches(shard, train.batch_size, train.group_buffer_batches, train.seed, epoch)
+        batches = epoch_batches(pieces, train.batch_size, train.group_buffer_batches, train.seed, epoch)
         for index, batch_rows in enumerate(batches):
             if index >= batches_per_epoch or step >= total_steps:
                 break

@@ -41,9 +41,9 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from derta.data import prepare_training_data
     from derta.progress import training_progress
     from derta.runtime import init_ray
+    from derta.train_data import count_rows, prepare_training_data
 
     output = Path(output or cfg.train.output_dir).resolve()
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
@@ -51,10 +51,11 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     model_path = preflight(cfg)
     output.mkdir(parents=True, exist_ok=True)
 
-    # prepared once to Parquet (+ stats.json, quarantine.jsonl) under output/data; training streams those files
-    train_ds, ingest, stats = prepare_training_data(cfg, cfg.model.tokenizer or model_path, output / "data")
+    # prepared once to Parquet (+ stats.json, quarantine.jsonl) under output/data; every worker streams its own
+    # deterministic share of those files (derta.train_data), so no dataset goes to TorchTrainer
+    stats = prepare_training_data(cfg, cfg.model.tokenizer or model_path, output / "data")
     counts = stats["examples_by_kind"]
-    num_rows = sum(counts.values())
+    num_rows = count_rows(stats["examples_dir"])
     train = cfg.train
     try:
         batches_per_epoch, total_steps = plan_steps(num_rows, train.num_workers, train.batch_size, train.grad_accum,
@@ -67,7 +68,8 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_path": model_path,
-                           "output_dir": str(output), "batches_per_epoch": batches_per_epoch,
+                           "output_dir": str(output), "examples_dir": stats["examples_dir"],
+                           "batches_per_epoch": batches_per_epoch,
                            "total_steps": total_steps},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=train.resources_per_worker,
@@ -77,7 +79,6 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds}, dataset_config=ingest,
     )
     try:
         with training_progress(output / "metrics.jsonl", total_steps):  # steps, loss, tok/s from metrics.jsonl

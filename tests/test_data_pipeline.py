@@ -233,44 +233,6 @@ def test_tokenize_batch_quarantines_bad_rows_like_single_rows(tiny_config, tiny_
     assert "no loss tokens" in reasons[6]
 
 
-def _two_worker_epoch(splits, epoch, batch_size=8, group=4):
-    """One epoch through `epoch_batches` on two shards consumed at once, as two Ray Train workers do."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from derta.batching import epoch_batches
-
-    def run(shard):
-        return [[(row["uid"], row["kind"]) for row in batch] for batch in epoch_batches(shard, batch_size, group, 0,
-                                                                                        epoch)]
-    with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(run, splits))
-
-
-def test_training_streams_the_prepared_parquet_once_and_reshuffles_per_epoch(tiny_config, tiny_path, tmp_path):
-    from ray.data.dataset import MaterializedDataset
-
-    from derta.data import prepare_training_data
-
-    small = tiny_config.data.synthetic.model_copy(update={"n_helpful": 300, "n_harmful": 100, "n_lookalike": 20})
-    cfg = _cfg(tiny_config, tiny_path, synthetic=small, read_chunk_mb=0.02)  # several pieces -> several files
-    dataset, ingest, stats = prepare_training_data(cfg, tiny_path, tmp_path / "data")
-    files = sorted(str(p) for p in Path(stats["examples_dir"]).glob("*.parquet"))  # the cache entry, wherever it is
-    n = sum(stats["examples_by_kind"].values())
-    assert len(files) > 1 and n == pq.read_table(files).num_rows
-    assert not isinstance(dataset, MaterializedDataset) and dataset.count() == n  # a lazy read of those files
-
-    dataset.context.execution_options = ingest._user_execution_options  # what Ray Train applies to the shards
-    splits = dataset.streaming_split(2, equal=True)
-    epochs = [_two_worker_epoch(splits, epoch) for epoch in (0, 1)]
-    assert _two_worker_epoch(splits, 1) == epochs[1]  # an epoch re-run (resume) sees the same batches
-    for ranks in epochs:
-        rows = [row for rank in ranks for batch in rank for row in batch]
-        assert len(rows) == len(set(rows)) and len(rows) > n - 2 * 8 * 4 * 2  # drop_last per worker only
-    for rank in (0, 1):  # each worker keeps its rows but sees them in a new order and new batches each epoch
-        before, after = ([row for batch in epochs[e][rank] for row in batch] for e in (0, 1))
-        assert before != after and len(set(before) ^ set(after)) < 2 * 8 * 4
-
-
 def _parquet_corpus(tmp_path):
     import pyarrow as pa
 
