@@ -10,10 +10,12 @@ typer -> run_training), timed from the moment it is launched:
   torchrun    (baseline) `torchrun --standalone --nproc_per_node 2` of the same loop without Ray: tiny model, DeRTa
               examples of the same synthetic corpus tokenized in-process, DDP (gloo), derta_loss, AdamW
 Each derta phase ends when the function that does it returns (the bench wraps them; nothing in derta is changed):
-imports+config, init_ray, preflight (tokenizer/tiny model), data (prepare + quarantine + mix), trainer start ->
-first step (Ray Train controller, worker group, process group, model load, dataset ingest, first step), rest of the
-run (remaining steps, checkpoints, final export), shutdown (after run_training until the process exits).
-Prints the breakdown per scenario and `ratio <scenario>/torchrun` of the time to the first logged step.
+imports+config, init_ray + preflight (tokenizer/tiny model; run_training overlaps them: the phase ends when both
+have), data (prepare + quarantine + mix), trainer start -> first step (Ray Train controller, worker group, process
+group, model load, dataset ingest, first step), rest of the run (remaining steps, checkpoints, final export),
+shutdown (after run_training until the process exits).
+Prints the breakdown per scenario, the load average around each, and `ratio <scenario>/torchrun` of the time to
+the first logged step.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # multinode_utils: a private `ray start --head` with free ports
-PHASES = ["imports+config", "init_ray", "preflight", "data", "trainer start -> first step", "rest of the run",
+PHASES = ["imports+config", "init_ray + preflight", "data", "trainer start -> first step", "rest of the run",
           "shutdown"]
 
 
@@ -65,14 +67,9 @@ def child(args) -> None:
     mark("imports+config")
     wrap(runtime, "init_ray", "init_ray")
     wrap(trainer, "preflight", "preflight")
-    from ray.train.torch import TorchTrainer
-
-    fit = TorchTrainer.fit
-
-    def timed_fit(self, *a, **kw):  # the data step (whatever derta calls it) ends when the trainer starts
-        mark("data")
-        return fit(self, *a, **kw)
-    TorchTrainer.fit = timed_fit
+    # the data step (whatever derta calls it) ends when the trainer class is asked for, just before it starts
+    # (patching TorchTrainer.fit would import torch here, ahead of the phases that import it)
+    wrap(runtime, "trainer_class", "data")
     threading.Thread(target=watch_first_step, daemon=True).start()
     try:
         cli.app(["train", "--set", f"train.max_steps={args.steps}", "--set", "train.log_every=1",
@@ -85,18 +82,21 @@ def child(args) -> None:
 # ------------------------------------------------------------------------------------------------ parent
 def timed_child(name: str, steps: int, workdir: Path, env: dict) -> dict:
     run, record = workdir / f"run-{name}", workdir / f"{name}.json"
+    load = [os.getloadavg()[0]]
     launched = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(steps), "--output", str(run),
                            "--record", str(record)], env=dict(env, BENCH_LAUNCHED=str(launched)),
                           capture_output=True, text=True, cwd=REPO)
     ended = time.time() - launched
+    load.append(os.getloadavg()[0])
     if proc.returncode != 0 or not record.exists():
         sys.exit(f"{name}: `derta train` failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     marks = json.loads(record.read_text())
-    points = [marks["imports+config"], marks["init_ray"], marks["preflight"], marks["data"], marks["first step"],
+    points = [marks["imports+config"], max(marks["init_ray"], marks["preflight"]), marks["data"], marks["first step"],
               marks["run_training returned"], ended]
     phases = dict(zip(PHASES, [b - a for a, b in zip([0.0] + points[:-1], points)]))
     return {"phases": phases, "first_step_s": marks["first step"], "total_s": ended,
+            "init_ray_done_s": marks["init_ray"], "preflight_done_s": marks["preflight"], "load": load,
             "console_lines": len((proc.stdout + proc.stderr).splitlines())}
 
 
@@ -156,9 +156,13 @@ def main() -> None:
     print(f"\n{'phase (s)':<30}" + "".join(f"{name:>10}" for name in ("cold", "warm")))
     for phase in PHASES:
         print(f"{phase:<30}" + "".join(f"{results[n]['phases'][phase]:>10.1f}" for n in ("cold", "warm")))
+    print("(init_ray / preflight done at " + ", ".join(
+        f"{n} {results[n]['init_ray_done_s']:.1f} / {results[n]['preflight_done_s']:.1f} s" for n in ("cold", "warm"))
+        + " after launch)")
     for name, result in results.items():
         print(f"{name:<9} first logged step {result['first_step_s']:6.1f} s   process total {result['total_s']:6.1f} s"
-              + (f"   console lines {result['console_lines']}" if "console_lines" in result else ""))
+              + (f"   console lines {result['console_lines']}" if "console_lines" in result else "")
+              + (f"   load {result['load'][0]:.1f} -> {result['load'][1]:.1f}" if "load" in result else ""))
     if "torchrun" in results:
         base = results["torchrun"]["first_step_s"]
         print("torchrun phases: " + ", ".join(f"{k} {v:.1f}" for k, v in results["torchrun"]["phases"].items()))

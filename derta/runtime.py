@@ -6,6 +6,9 @@ Which Ray a `derta` command uses, in this order (only an explicit choice ever at
    when its GCS is alive and it belongs to this user; DERTA_RAY_REUSE=0 turns this off (the test suite does).
    A `ray start` with a private `--temp-dir` never registers there, so private clusters are never picked up.
 3. Otherwise a private local instance (`address="local"`: Ray itself would otherwise attach to case 2 silently).
+   `init_ray(dashboard=False)` (what `derta train` asks for) starts it lean: no dashboard (ray.init waits for the
+   dashboard and its ~10 module processes before it even starts the raylet) and no Ray Train helper actors that only
+   matter for a cluster that outlives this process (see `trainer_class`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ REUSE_ENV = "DERTA_RAY_REUSE"
 # env_vars to a running cluster (whose workers inherit `ray start`'s environment, not ours)
 WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "RAY_DEDUP_LOGS": "1"}
+# a lean private instance dies with this process: nothing to watch for node preemption (one actor less)
+LEAN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_lean_session: str | None = None  # GCS address of the lean private instance init_ray started, if any
 
 
 def running_cluster() -> tuple[str | None, str]:
@@ -54,10 +60,13 @@ def _job_env_vars() -> set[str]:
         return set()
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True) -> str | None:
+def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True,
+             dashboard: bool = True) -> str | None:
     """Connect to a running cluster (see module docstring) or start a private local instance with `num_cpus`
-    (default: all cores, at least 4 logical CPUs so 2 train workers and a Ray Data stage fit side by side).
-    Returns the address connected to (None: a local instance)."""
+    (default: all cores, at least 4 logical CPUs so 2 train workers and a Ray Data stage fit side by side);
+    `dashboard=False` starts that instance lean (module docstring). Returns the address connected to (None: a local
+    instance)."""
+    global _lean_session
     from derta.progress import filter_ray_console, quiet_python_logs, say, verbosity
 
     quiet = quiet and verbosity() != "verbose"
@@ -89,13 +98,35 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
                 f"({REUSE_ENV}=0 starts a private one)")
     else:
         # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it, it warns
-        # on every poll and cannot clean up after a crashed controller) and `ray list ...` uses
-        _start_local(dict(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
-                          dashboard_host="127.0.0.1", **kwargs))
+        # on every poll) and `ray list ...` uses; a lean instance runs no cleaner (`trainer_class`)
+        if not dashboard:
+            for key, value in LEAN_ENV.items():
+                os.environ.setdefault(key, value)
+        _start_local(dict(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4),
+                          include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs))
+        _lean_session = None if dashboard else ray.get_runtime_context().gcs_address
     quiet_data(quiet)
     quiet_python_logs()  # after quiet_data, which sets Ray Data's level too
     filter_ray_console()
     return address
+
+
+def trainer_class():
+    """Ray Train's `TorchTrainer`; on a lean private instance, one without the placement-group cleaner callback: its
+    detached actor removes the workers' placement group if the controller dies while the cluster lives on, but a
+    private instance dies with this process (its state-API polls need the dashboard, which a lean instance lacks)."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    if not (_lean_session and ray.is_initialized() and ray.get_runtime_context().gcs_address == _lean_session):
+        return TorchTrainer
+
+    class PrivateInstanceTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [cb for cb in callbacks if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    return PrivateInstanceTorchTrainer
 
 
 START_ATTEMPTS = 3

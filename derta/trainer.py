@@ -4,26 +4,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from derta.checkpoint import SHARD_PATTERNS
+# torch (train_loop, checkpoint) is imported inside run_training, while Ray starts: not at `derta train` start-up
 from derta.config import ConfigError, DertaConfig
-from derta.train_loop import STATE_FILE, plan_steps, train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):
     pass
 
 
-def preflight(cfg: DertaConfig) -> str:
-    """Fail before any worker starts: model path, refusal token, GPUs, batch fit. Returns the model path."""
-    import ray
-
+def preflight(cfg: DertaConfig, cluster: bool = True) -> str:
+    """Fail before any worker starts: model path, refusal token, GPUs (`cluster`: needs Ray), batch fit. Returns
+    the model path."""
     from derta.modeling import resolve_model_path
     from derta.preflight import check_tokens, load_run_tokenizer
 
     model_path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     check_tokens(cfg, load_run_tokenizer(cfg, model_path))
+    if cfg.data.max_length < 16:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for prompt + response")
+    if cluster:
+        check_gpus(cfg)
+    return model_path
+
+
+def check_gpus(cfg: DertaConfig) -> None:
+    import ray
+
     train = cfg.train
     if train.use_gpu:
         available = ray.cluster_resources().get("GPU", 0)
@@ -32,24 +41,28 @@ def preflight(cfg: DertaConfig) -> str:
         if available < needed and not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(f"train.use_gpu=true needs {needed:g} GPUs but the Ray cluster has {available:g}; "
                               "set train.use_gpu=false or add GPU nodes")
-    if cfg.data.max_length < 16:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for prompt + response")
-    return model_path
 
 
 def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from derta.progress import training_progress
-    from derta.runtime import init_ray
-    from derta.train_data import count_rows, prepare_training_data
+    from derta.runtime import init_ray, trainer_class
 
     output = Path(output or cfg.train.output_dir).resolve()
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
-    init_ray()
-    model_path = preflight(cfg)
+    with ThreadPoolExecutor(1, thread_name_prefix="derta-preflight") as pool:
+        # the model/tokenizer checks (and their torch/transformers imports, seconds of CPU) run while ray.init
+        # waits for the Ray processes it started; a private instance starts lean (derta.runtime)
+        checked = pool.submit(preflight, cfg, False)
+        init_ray(dashboard=False)
+        model_path = checked.result()
+    check_gpus(cfg)
     output.mkdir(parents=True, exist_ok=True)
+
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    from derta.checkpoint import SHARD_PATTERNS
+    from derta.progress import training_progress
+    from derta.train_data import count_rows, prepare_training_data
+    from derta.train_loop import STATE_FILE, plan_steps, train_loop_per_worker
 
     # prepared once to Parquet (+ stats.json, quarantine.jsonl) under output/data; every worker streams its own
     # deterministic share of those files (derta.train_data), so no dataset goes to TorchTrainer
@@ -65,7 +78,7 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     print(f"[derta] {num_rows} training rows {counts}; {total_steps} steps on {train.num_workers} workers",
           flush=True)
 
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_path": model_path,
                            "output_dir": str(output), "examples_dir": stats["examples_dir"],
