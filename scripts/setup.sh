@@ -20,5 +20,6 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install -q "${DERTA_TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-pip install -q -e ".[dev]"
+# setuptools warns on every editable install that the `derta/` folder shadows the package (that is the point)
+PYTHONWARNINGS=ignore::UserWarning pip install -q -e ".[dev]"
 python -c "import torch, ray, transformers; print(f'derta env ready: torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}')"
