@@ -109,10 +109,29 @@ def resolve_model_path(model: ModelConfig, synthetic: SyntheticConfig | None = N
         "Use 'tiny', a local HF checkpoint directory, or a hub id such as meta-llama/Meta-Llama-3-8B")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+# tokenizer classes that are transformers' plain `tokenizers` backend (aliases in transformers 5): such a directory
+# is loaded by that class directly, as AutoTokenizer would resolve it, without AutoTokenizer's import of the model
+# registry, which imports torch (seconds of CPU in every Ray Data tokenize worker)
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    try:
+        return json.loads((Path(path) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    if (_declared_tokenizer_class(path) in PLAIN_TOKENIZER_CLASSES and (Path(path) / "tokenizer.json").is_file()
+            and not trust_remote_code):
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
