@@ -17,7 +17,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.mark.slow
 def test_train_cli_on_a_lean_private_instance_trains_and_prints_only_our_lines(tiny_config, tmp_path):
     env = dict(os.environ, DERTA_RAY_REUSE="0", DERTA_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
