@@ -171,8 +171,9 @@ def main() -> None:
         started = time.perf_counter()
         init_ray()
         startup = time.perf_counter() - started
+        worker_nice = ray.get(ray.remote(lambda: os.nice(0)).remote())
         print(f"ray startup (init_ray, num_cpus={int(ray.cluster_resources().get('CPU', 0))}): {startup:.2f}s "
-              "(not timed)", flush=True)
+              f"(not timed); Ray worker niceness {worker_nice}, this process's {os.nice(0)}", flush=True)
         cfg1 = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenize_concurrency": 1})})
         started = time.perf_counter()
         # the timed corpus, not the small one: a Ray Data execution runs one task at a time for its first ~1 s (its

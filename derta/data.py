@@ -1,20 +1,17 @@
-"""Corpus -> DeRTa training examples, streamed through Ray Data.
+"""Corpus -> DeRTa training examples, prepared with Ray tasks into a Ray Dataset.
 
     sources (JSONL / Parquet / HF save_to_disk / synthetic)
       -> file parts                             local JSONL split into ~read_chunk_mb byte ranges at line starts,
                                                 local Parquet into runs of row groups of ~read_chunk_mb (driver
-                                                side); other files whole; object-store URIs via read_binary_files
-      -> map_batches(read_parts)                one row per source line, with file and 1-based line number
-      -> map_batches(normalize_batch)           canonical record, or an `error` naming the field
-      -> map_batches(tokenize_blocks)           DeRTa examples (helpful / harmful_prefix / rto), one tokenizer
-                                                call per tokenize_batch_size records, one cached Tokenize per
-                                                worker process
-      -> materialize (once)                     then per-block Ray tasks: counts, statistics (derta.data_stats),
-                                                quarantine.jsonl; mix sampling per kind -> Parquet
+                                                side); other files whole
+      -> one Ray task per part                  (derta.data_pieces) read_parts -> normalize_batch (canonical
+                                                record, or an `error` naming the field) -> tokenize_blocks (DeRTa
+                                                examples: helpful / harmful_prefix / rto, one tokenizer call per
+                                                tokenize_batch_size records, one cached Tokenize per worker process)
+         object-store URIs pyarrow cannot split: the same steps as Ray Data map_batches after read_binary_files
+      -> a materialised Ray Dataset (once)      then per-block Ray tasks: counts, statistics (derta.data_stats),
+                                                quarantine.jsonl; mix sampling per kind -> Parquet (Ray Data)
       -> training streams the Parquet files every epoch (`derta.train_data`)
-
-The three map steps share their options, so Ray Data fuses them: one task per file part runs read -> normalize ->
-tokenize, and a single operator holds all the CPUs (on a small machine, separate operators each got a fixed share).
 
 Nothing is dropped silently: malformed rows and rows that lose all loss tokens to truncation are written to the
 quarantine file with source, line and reason, and counted in the stats.
@@ -267,35 +264,23 @@ def _raw_table(rows: list[dict]):
     return _arrow({column: [row[column] for row in rows] for column in RAW_COLUMNS}, RAW_TYPES)
 
 
-def read_raw(data: DataConfig, sources: list[SourceConfig]):
-    """A Ray Dataset of raw rows from all sources.
-
-    Local files become one read task per part: JSONL files are split into pieces of `data.read_chunk_mb`, Parquet
-    files into runs of row groups of about that much data, so a large file is read, normalized and tokenized by
-    several tasks at once; compressed JSONL and Arrow files are one part each. Object-store Parquet files that
-    pyarrow can open (s3://, gs://, hdfs://, file://) are split into row groups the same way; other URIs are read
-    by Ray Data on the workers, one task per file.
-    """
+def read_remote(data: DataConfig, remote: list[tuple[str, str, int]]):
+    """A Ray Dataset of raw rows of the object-store files `file_parts` leaves to Ray Data's reader (URIs pyarrow
+    cannot split: one task per file). Local files and splittable Parquet URIs never come here: they are pieces
+    (`derta.data_pieces`)."""
     import ray
 
-    parts, remote = file_parts(sources, piece_bytes=max(1, int(data.read_chunk_mb * 2**20)))
-    datasets = []
-    if parts:
-        datasets.append(ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
-            read_parts, **_map_args(data)))
-    for path, fmt, index in remote:
-        datasets.append(ray.data.read_binary_files(path, include_paths=True).map_batches(
-            parse_binary_files, fn_kwargs={"fmt": fmt, "source_index": index}, **_map_args(data)))
-    if not datasets:
-        raise ConfigError("no data sources configured")
+    datasets = [ray.data.read_binary_files(path, include_paths=True).map_batches(
+        parse_binary_files, fn_kwargs={"fmt": fmt, "source_index": index}, **_map_args(data))
+        for path, fmt, index in remote]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
 def _map_args(data: DataConfig) -> dict:
-    """Identical options for every map step, so Ray Data fuses read -> normalize -> tokenize into one task per part.
+    """Identical options for every map step, so Ray Data fuses read -> normalize -> tokenize into one task per file.
 
     No `batch_size` here: Ray Data turns it into a minimum number of input rows per task, which for the fused
-    steps means file parts, and would pack many parts into one task. `tokenize_blocks` batches by itself.
+    steps means files, and would pack many files into one task. `tokenize_blocks` batches by itself.
     """
     import ray
 
@@ -331,10 +316,10 @@ def _arrow(columns: dict, types: dict):
     return pa.table({name: pa.array(values, type=types.get(name, pa.string())) for name, values in columns.items()})
 
 
-def read_records(data: DataConfig, sources: list[SourceConfig]):
-    """Canonical records (with `error` on bad rows) as a Ray Dataset."""
+def read_records(data: DataConfig, sources: list[SourceConfig], remote: list[tuple[str, str, int]]):
+    """Canonical records (with `error` on bad rows) of the `remote` files, as a Ray Dataset."""
     source_dicts = [s.model_dump() for s in sources]
-    return read_raw(data, sources).map_batches(
+    return read_remote(data, remote).map_batches(
         normalize_batch, fn_kwargs={"sources": source_dicts, "max_chars": data.max_chars}, **_map_args(data))
 
 
@@ -493,12 +478,38 @@ def prepare_examples(config: DertaConfig, tokenizer_path: str, workdir: Path, in
         sources = data.sources
     else:
         sources = synthetic_sources(data, workdir / "synthetic")
-    from derta.progress import materialize_with_progress
-
-    examples = materialize_with_progress(tokenize(read_records(data, sources), tokenizer_path, data, data.mode),
-                                         "prepare data")
+    examples = tokenized_examples(data, sources, tokenizer_path)
     counts = count_kinds(examples)
     return examples, counts
+
+
+def tokenized_examples(data: DataConfig, sources: list[SourceConfig], tokenizer_path: str):
+    """Every example (bad rows included) as a materialised Ray Dataset, blocks in source and piece order.
+
+    Local files are split into pieces (`file_parts`: JSONL byte ranges and Parquet row-group runs of about
+    `data.read_chunk_mb`, other files whole), so a large file is read, normalized and tokenized by several tasks at
+    once; each piece is one plain Ray task (`derta.data_pieces`). Object-store files pyarrow cannot split go through
+    Ray Data's reader, one task per file, and their blocks follow.
+    """
+    import ray
+
+    from derta.data_pieces import run_pieces
+    from derta.progress import Progress, materialize_with_progress
+
+    parts, remote = file_parts(sources, piece_bytes=max(1, int(data.read_chunk_mb * 2**20)))
+    if not parts and not remote:
+        raise ConfigError("no data sources configured")
+    blocks = []
+    if parts:
+        args = ([s.model_dump() for s in sources], data.model_dump_json(), tokenizer_path, data.mode, data.max_chars,
+                data.tokenize_batch_size)
+        with Progress("prepare data", unit="examples") as progress:
+            blocks = run_pieces(parts, args, data.tokenize_concurrency, progress)
+    if remote:
+        blocks += materialize_with_progress(
+            tokenize(read_records(data, sources, remote), tokenizer_path, data, data.mode),
+            "prepare data (object store files)").to_arrow_refs()
+    return ray.data.from_arrow_refs(blocks)
 
 
 def count_kinds(examples) -> dict[str, int]:
