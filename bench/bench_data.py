@@ -10,14 +10,14 @@ train_helpful + train_safety, mode=derta, tiny-preset tokenizer):
     derta.data.tokenize_batch  -> DeRTa examples (helpful / harmful_prefix / rto), one cached Tokenize per process,
                                   one batched tokenizer call per batch of 256 records (Ray via tokenize_blocks)
 Only the engine differs:
-  ray_data          derta.data.prepare_examples (JSONL split into ~read_chunk_mb pieces -> one fused
-                    read+normalize+tokenize task per piece -> materialize -> count kinds), with the library defaults
-                    (tokenize_concurrency=None: as many tasks as Ray has CPUs, read_chunk_mb=2,
-                    tokenize_batch_size=256)
+  ray_data          derta.data.prepare_examples (JSONL split into ~read_chunk_mb pieces -> one plain Ray task per
+                    piece running read+normalize+tokenize (derta.data_pieces) -> a materialised Ray Dataset of the
+                    blocks -> count kinds), with the library defaults (tokenize_concurrency=None: as many tasks as
+                    Ray has CPUs, read_chunk_mb=2, tokenize_batch_size=256)
   ray_data_conc1    the same with data.tokenize_concurrency=1 (one task at a time, the old default; evidence only)
   ray_tasks         diagnostic: the same pieces through the same functions (read_parts -> normalize_batch ->
                     tokenize_blocks), one plain Ray task each, gathered with ray.data.from_arrow_refs -> count
-                    kinds; what is left of the ray_data/ray_tasks gap is the Ray Data executor's scheduling
+                    kinds; since prepare_examples runs plain tasks too, it measures the library's progress/ordering
   hf_datasets       datasets.load_dataset("text") per file -> Dataset.map(batched=True, batch_size=256,
                     num_proc=N) calling the functions above -> concatenate -> count kinds   (the named baseline, N=2)
   hf_datasets_np1   the same with num_proc=1
@@ -30,7 +30,7 @@ Throughput is SOURCE rows/s (JSONL lines in); examples/s (rows out) is printed t
 Memory: the corpus is written by a child process, Ray runs first, and the bench process's peak RSS
 (getrusage RUSAGE_SELF) is printed after the Ray runs: the Ray Data driver's peak (Ray workers, raylet and the
 object store are other processes). HF's peak is its map workers' (RUSAGE_CHILDREN after the HF runs).
-1M rows (~25 min on a quiet 2-core box): --helpful 1060000 --harmful 118000 --repeats 1 --skip-np1 --skip-conc1
+1M rows (~4 min on a quiet 2-core box): --helpful 1060000 --harmful 118000 --repeats 1 --skip-np1 --skip-conc1
 --skip-tasks (the train splits then hold ~1.0M source rows; Ray warms up on the small corpus above 100K rows).
 """
 from __future__ import annotations
@@ -160,8 +160,8 @@ def main() -> None:
         n_rows = sum(1 for p in paths for line in open(p, encoding="utf-8") if line.strip())
         n_parts = len(file_parts([SourceConfig(path=p) for p in paths], int(cfg.data.read_chunk_mb * 2**20))[0])
         print(f"corpus: {n_rows} source rows (train_helpful + train_safety), mode={cfg.data.mode}, "
-              f"tokenize_batch_size={cfg.data.tokenize_batch_size}, cpus={os.cpu_count()}; Ray Data reads it as "
-              f"{n_parts} pieces (read_chunk_mb={cfg.data.read_chunk_mb}); load average {os.getloadavg()[0]:.1f}",
+              f"tokenize_batch_size={cfg.data.tokenize_batch_size}, cpus={os.cpu_count()}; prepare_examples reads it "
+              f"as {n_parts} pieces (read_chunk_mb={cfg.data.read_chunk_mb}); load average {os.getloadavg()[0]:.1f}",
               flush=True)
 
         import ray
