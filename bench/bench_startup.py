@@ -142,6 +142,9 @@ def main() -> None:
     results["cold"] = timed_child("cold", args.steps, workdir, env)
     root = Path(tempfile.mkdtemp(prefix="rbs", dir="/tmp"))
     cluster = LocalCluster(root, workdir / "ray-logs", num_cpus=4)
+    # LocalCluster drops inherited RAY_* variables: without this the warm cluster's workers ran at Ray's niceness 15
+    # while the cold run's ran at 0 (the warm trainer start measured ~2x the cold one under load)
+    cluster.env["RAY_worker_niceness"] = env["RAY_worker_niceness"]
     try:
         cluster.start_head()
         warm_env = dict(env, **{k: v for k, v in cluster.env.items() if k.startswith("RAY_")},
