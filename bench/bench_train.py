@@ -433,6 +433,7 @@ def main() -> None:
         if args.ray_only:
             run_ray_section(cfg, args, tmp, results)
             report_strategies(results)
+            print(f"load average at start {LOAD_START}, at end {load()} (2 cores)")
             return
         # ---- a
         tokenizer = load_tokenizer(model_path)

@@ -70,14 +70,23 @@ def test_missing_prepared_data_names_the_directory(tmp_path):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_training_reads_the_prepared_parquet_of_the_run(tiny_config, tiny_path, tmp_path):
+def test_separately_prepared_runs_give_every_rank_the_same_batches(tiny_config, tiny_path, tmp_path, monkeypatch):
     from derta.train_data import prepare_training_data
 
+    monkeypatch.setenv("DERTA_CACHE_DIR", "off")  # prepare twice, from scratch
     small = tiny_config.data.synthetic.model_copy(update={"n_helpful": 300, "n_harmful": 100, "n_lookalike": 20})
     data = tiny_config.data.model_copy(update={"synthetic": small, "read_chunk_mb": 0.02})  # several files
-    stats = prepare_training_data(tiny_config.model_copy(update={"data": data}), tiny_path, tmp_path / "data")
-    n = sum(stats["examples_by_kind"].values())
-    assert len(list(Path(stats["examples_dir"]).glob("*.parquet"))) > 1 and count_rows(stats["examples_dir"]) == n
-    shares = [[(row["uid"], row["kind"]) for row in rank_rows(rank_pieces(stats["examples_dir"], rank, 2))]
-              for rank in (0, 1)]
-    assert len(shares[0]) == len(shares[1]) == n // 2 and not set(shares[0]) & set(shares[1])
+    cfg = tiny_config.model_copy(update={"data": data})
+    runs = []
+    for run in ("a", "b"):
+        stats = prepare_training_data(cfg, tiny_path, tmp_path / run / "data")
+        n = sum(stats["examples_by_kind"].values())
+        assert len(list(Path(stats["examples_dir"]).glob("*.parquet"))) > 1
+        assert count_rows(stats["examples_dir"]) == n
+        shares = [[(row["uid"], row["kind"]) for row in rank_rows(rank_pieces(stats["examples_dir"], rank, 2))]
+                  for rank in (0, 1)]
+        assert len(shares[0]) == len(shares[1]) == n // 2 and not set(shares[0]) & set(shares[1])
+        # rows by content (uids name the run's own copy of the synthetic files)
+        runs.append([[[(row["kind"], tuple(row["input_ids"])) for row in batch] for batch in epoch_batches(
+            rank_pieces(stats["examples_dir"], rank, 2), 8, 4, seed=0, epoch=1)] for rank in (0, 1)])
+    assert runs[0] == runs[1]
