@@ -53,16 +53,25 @@ class RefusalTokenError(ValueError):
     pass
 
 
+def row_key(uid: str) -> str:
+    """The part of a row id ("<source path>:<line>") that seeds its draws: the file name and line, not the directory.
+    The same corpus must give the same examples wherever it lives: the synthetic corpus is written under each run's
+    own (temporary) work directory, and a copied or re-mounted corpus keeps its file names."""
+    return uid.rsplit("/", 1)[-1]
+
+
+def _digest(seed: int, uid: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{row_key(uid)}|{salt}".encode(), digest_size=8).digest(), "little")
+
+
 def row_rng(seed: int, uid: str, salt: str = "") -> np.random.Generator:
-    """A generator that depends only on (seed, row id, purpose): same row -> same draw on any worker."""
-    digest = hashlib.blake2b(f"{seed}|{uid}|{salt}".encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+    """A generator that depends only on (seed, row key, purpose): same row -> same draw on any worker, in any run."""
+    return np.random.default_rng(_digest(seed, uid, salt))
 
 
 def unit_hash(seed: int, uid: str, salt: str = "") -> float:
     """Deterministic uniform [0, 1) number for sampling decisions."""
-    digest = hashlib.blake2b(f"{seed}|{uid}|{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+    return _digest(seed, uid, salt) / 2**64
 
 
 def sample_prefix_len(num_harmful_tokens: int, k0_fraction: float, rng: np.random.Generator) -> int:

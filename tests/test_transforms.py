@@ -241,3 +241,12 @@ def test_word_prefix_unit_cuts_whole_words_and_joins_with_a_space(tokenizer):
         cut = word_prefix(harmful, 0.0, row_rng(seed, "w1", "k"))
         assert text.startswith(cut + " Sorry, I can't help."), text
         assert rto.input_ids[rto.prompt_len:-1] == tokenizer.encode(harmful, add_special_tokens=False)
+
+
+def test_row_draws_do_not_depend_on_where_the_corpus_lives():
+    from derta.transforms import unit_hash
+
+    for uid in ("train.jsonl:7", "s3://bucket/x/train.jsonl:7"):
+        assert row_rng(0, "/tmp/run-a/_work/train.jsonl:7", "k").random() == row_rng(0, uid, "k").random()
+        assert unit_hash(0, "/data/a/train.jsonl:7", "mix") == unit_hash(0, uid, "mix")
+    assert row_rng(0, "/a/train.jsonl:7", "k").random() != row_rng(0, "/a/train.jsonl:8", "k").random()
