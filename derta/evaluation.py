@@ -435,9 +435,9 @@ def refusal_curve(cfg: DertaConfig, model_path: str, items: list[EvalItem]) -> l
 
     if not items:
         return []
-    rows = [{"instruction": item.prompt, "harmful_response": item.meta["harmful_response"]} for item in items]
+    pairs = [(item.prompt, item.meta["harmful_response"]) for item in items]  # (instruction, response)
     max_positions = max([*cfg.eval.prefill_ks, MIN_CURVE_POSITIONS])
-    return refusal_curves({"model": model_path}, rows, cfg, max_positions)["model"]
+    return refusal_curves({"model": model_path}, pairs, cfg, max_positions)["model"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

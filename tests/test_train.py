@@ -46,7 +46,8 @@ def test_trained_model_refuses_along_harmful_responses(trained, tiny_path):
 
     cfg, _, final = trained
     heldout = generate_corpus(**cfg.data.synthetic.model_dump())["heldout_safety"][:16]
-    curves = refusal_curves({"before": tiny_path, "after": str(final)}, heldout, cfg, max_positions=40)
+    items = [(row["instruction"], row["harmful_response"]) for row in heldout]
+    curves = refusal_curves({"before": tiny_path, "after": str(final)}, items, cfg, max_positions=40)
     before, after = (sum(c) / len(c) for c in (curves["before"], curves["after"]))
     assert after > 0.15 and after > 10 * before, (before, after)
 
