@@ -5,8 +5,8 @@
 
 Both engines run the SAME derta code on the SAME JSONL files (the synthetic corpus from `derta.synthetic.write_corpus`,
 train_helpful + train_safety, mode=derta, tiny-preset tokenizer):
-    derta.data._parse_jsonl   -> raw rows (bytes -> {source, line, raw, error}); Ray via read_parts
-    derta.data.normalize_batch -> canonical records (pydantic validation)
+    derta.data_read._parse_jsonl -> raw rows (bytes -> {source, line, raw, error}); Ray via read_parts
+    derta.data_read.normalize_batch -> canonical records (pydantic validation)
     derta.data.tokenize_batch  -> DeRTa examples (helpful / harmful_prefix / rto), one cached Tokenize per process,
                                   one batched tokenizer call per batch of 256 records (Ray via tokenize_blocks)
 Only the engine differs:
@@ -55,8 +55,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from derta.config import SourceConfig, load_config  # noqa: E402
-from derta.data import (_parse_jsonl, file_parts, normalize_batch, read_parts, tokenize_batch,  # noqa: E402
-                        tokenize_blocks)
+from derta.data import tokenize_batch, tokenize_blocks  # noqa: E402
+from derta.data_read import _parse_jsonl, file_parts, normalize_batch, read_parts  # noqa: E402
 from derta.modeling import resolve_model_path  # noqa: E402
 from derta.synthetic import write_corpus  # noqa: E402
 

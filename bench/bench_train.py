@@ -96,7 +96,8 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------- data
 def build_examples(cfg, tokenizer_path: str) -> list[dict]:
     """DeRTa examples of the synthetic train splits, in process, through the same functions the Ray pipeline maps."""
-    from derta.data import _parse_jsonl, normalize_batch, tokenize_batch
+    from derta.data import tokenize_batch
+    from derta.data_read import _parse_jsonl, normalize_batch
     from derta.synthetic import generate_corpus
 
     corpus = generate_corpus(**cfg.data.synthetic.model_dump())

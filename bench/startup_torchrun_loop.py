@@ -36,7 +36,8 @@ def main() -> None:
 
     from derta.batching import collate, grouped_batches
     from derta.config import load_config
-    from derta.data import _map_args, _parse_jsonl, normalize_batch, synthetic_sources, tokenize_blocks
+    from derta.data import synthetic_sources, tokenize_blocks
+    from derta.data_read import _map_args, _parse_jsonl, normalize_batch
     from derta.losses import derta_loss
     from derta.modeling import load_model, load_tokenizer, resolve_model_path
     from derta.transforms import MODE_KINDS

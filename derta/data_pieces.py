@@ -20,7 +20,8 @@ import functools
 def prepare_piece(part: dict, sources: list[dict], data_json: str, tokenizer_path: str, mode: str,
                   max_chars: int, batch_size: int):
     """One piece (a row of `file_parts`): (example block, its row count)."""
-    from derta.data import normalize_batch, read_parts, tokenize_blocks
+    from derta.data import tokenize_blocks
+    from derta.data_read import normalize_batch, read_parts
 
     raw = read_parts({column: [value] for column, value in part.items()})
     records = normalize_batch(raw.to_pydict(), sources, max_chars)

@@ -44,7 +44,7 @@ def _file_digest(path: Path) -> str:
 def cache_key(config: DertaConfig, tokenizer_path: str, inputs: list[str] | None = None) -> str | None:
     """The content key of the prepared examples, or None when an input cannot be hashed locally."""
     from derta.config import SourceConfig
-    from derta.data import expand_source
+    from derta.data_read import expand_source
 
     data = config.data
     sources = [SourceConfig(path=p) for p in inputs] if inputs else data.sources

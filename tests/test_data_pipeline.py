@@ -8,8 +8,8 @@ import pytest
 
 from conftest import shared_file
 from derta.config import SourceConfig
-from derta.data import (DataQualityError, Tokenize, _parse_part, file_parts, jsonl_pieces, parse_file, prepare_examples,
-                        write_prepared)
+from derta.data import DataQualityError, Tokenize, prepare_examples, write_prepared
+from derta.data_read import _parse_part, file_parts, jsonl_pieces, parse_file
 from derta.schema import RECORD_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -244,7 +244,7 @@ def _parquet_corpus(tmp_path):
 
 
 def test_parquet_row_group_pieces_read_the_same_rows_and_lines_as_the_whole_file(tmp_path):
-    from derta.data import parquet_pieces
+    from derta.data_read import parquet_pieces
 
     path = _parquet_corpus(tmp_path)
     whole = parse_file(str(path), path.read_bytes(), "parquet")

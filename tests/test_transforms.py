@@ -167,7 +167,7 @@ def _edge_records():
 
 def _synthetic_records(tmp_path):
     from derta.config import SourceConfig
-    from derta.data import _parse_jsonl, normalize_batch
+    from derta.data_read import _parse_jsonl, normalize_batch
     from derta.synthetic import write_corpus
 
     paths = write_corpus(tmp_path, n_helpful=120, n_harmful=60, n_lookalike=20)
