@@ -93,10 +93,12 @@ def arm_config(cfg: DertaConfig, paths: dict[str, Path], base: Path, mode: str,
 
 def training_key(cfg: DertaConfig) -> dict:
     """What determines a training run: the data, model and train sections (not eval: a tuning run on the dev split
-    and the reported run on the test split share their trainings), not RTO settings without RTO examples, not the
-    prefix-length distribution in vanilla (always k = 0)."""
+    and the reported run on the test split share their trainings), not RTO settings without RTO examples (nor
+    `loss_weighting`: without RTO positions both weightings are the MLE token mean, so a variant that changes it
+    does not pre-train the base again), not the prefix-length distribution in vanilla (always k = 0)."""
     key = cfg.model_dump(mode="json", include={"data", "model", "train"})
     if cfg.data.mode != "derta":
+        key["train"].pop("loss_weighting", None)
         key["train"].pop("rto_weight", None)
         key["train"].pop("rto_keep_fraction", None)
         key["data"].pop("rto_keep_fraction", None)

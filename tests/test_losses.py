@@ -81,6 +81,21 @@ def test_rto_weight_zero_gives_recaug_gradients():
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(token_mean, baseline))
 
 
+def test_weightings_are_identical_without_rto_positions():
+    """vanilla / recaug batches have no RTO positions: both weightings give the same loss and gradients, which is
+    why `derta experiment` reuses their trainings (and the base) across a loss_weighting change (training_key)."""
+    model = _tiny_lm()
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+    labels = torch.tensor([[X, X, X, 4, 5, 6], [X, 5, 4, 3, X, X]])
+    rto = torch.zeros(2, 6, dtype=torch.bool)
+    for mle_weight in (1.0, 0.5):
+        term = _grads(model, input_ids, labels, rto, mle_weight=mle_weight, rto_weight=2.0, weighting="term_mean")
+        token = _grads(model, input_ids, labels, rto, mle_weight=mle_weight, rto_weight=2.0, weighting="token_mean")
+        assert all(torch.equal(a, b) for a, b in zip(term, token))
+    assert derta_loss(model(input_ids), labels, rto, weighting="term_mean").total.item() == \
+        derta_loss(model(input_ids), labels, rto, weighting="token_mean").total.item()
+
+
 def test_rto_keep_fraction_trains_a_random_share_of_rto_positions():
     torch.manual_seed(0)
     logits = torch.randn(4, 200, 5, requires_grad=True)
