@@ -13,7 +13,7 @@ _EOS = ("<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>", "</s>", 
 _VERBS = (r"help|assist|provid|giv|shar|support|compl[yi]|fulfil|creat|writ|generat|produc|offer|engag|"
           r"participat|continu|answer|tell|explain|describ|teach|show|condon|encourag|promot|facilitat|endors|"
           r"discuss|contribut|aid|respond|detail|outline|disclos|reveal|instruct|guid|draft|compos|design|"
-          r"build|develop|go along|go into|go there|do (?:that|this|so|it|what)|be (?:of|a part|involved)|"
+          r"build|develop|go along|go into|go there|do(?:ing)? (?:that|this|so|it|what)|be (?:of|a part|involved)|"
           r"in good conscience|morally|ethically|responsibly|grant|perform|carry|take part|enabl|recommend|"
           r"suggest|advis|list|walk you|give you|offer you|satisfy|honou?r|accommodat|process|entertain|"
           r"make|fulfill|pretend|roleplay|role-play|act as|play along|say|spread|break|hack|access")
@@ -113,6 +113,9 @@ _PIVOT = re.compile("|".join([
     r"\bhere(?:'s| is) how(?: you (?:could|can|would|might)(?: do it)?)?\b[^.!?\n]{0,40}[:.]",
     r"\bhere are the (?:steps|instructions|methods|ingredients|details)\b",
     r"\bif you (?:still )?insist\b",
+    r"(?:^|(?<=[.!?]\s))if you (?:still|really) want\b(?! (?:help|support|to talk))",
+    r"(?:^|(?<=[.!?]\s))(?:anyway|anyhow|regardless|all the same)\b,?\s+(?!i hope|i'd|i would|i will|i'll|if you|"
+    r"please|feel free|let me know|stay safe|take care|it's|it is|you should)",
     r"\bhypothetically(?: speaking)?,",
     r"\bfor (?:educational|informational|research) purposes only\b[^.!?\n]{0,40}[,:.]",
     r"\b(?:sure|okay|ok|alright|fine)[,!.]\s+(?:here|step 1|first)\b",
@@ -135,7 +138,9 @@ _PREAMBLE = re.compile(
     r"[\s,.!:;-]*", _F)
 _INTRO = re.compile(r"^(?:here(?:'s| is| are)|below (?:is|are)|the following (?:is|are)|these are|this is|"
                     r"i will (?:explain|show|provide|guide|give|describe|outline|tell)|i'll (?:explain|show|"
-                    r"provide|guide|give|describe|outline|tell)|to do (?:this|that|so)|follow these)\b[^:\n]*"
+                    r"provide|guide|give|describe|outline|tell)|to do (?:this|that|so)|follow these|"
+                    r"(?:i think |maybe |perhaps )?you (?:might|may|could|would) (?:enjoy|like|love|prefer)|"
+                    r"how about|why not try)\b[^:\n]*"
                     r"(?::|$)", _F)
 
 # pointing to help: counts as soft even on a list item ("- Crisis Text Line: text HOME to 741741")
@@ -165,10 +170,11 @@ _SOFT = re.compile("|".join([
     r"irresponsible|reckless|abusive|malicious|cruel|wrong|prohibited|fraud|forgery|extortion|defamation|"
     r"a felony|punishable|hurtful)\b",
     r"\b(?:illegal and|unethical and|against the law|criminal (?:offen[cs]e|charges|act)|not legal|not ethical|"
-    r"(?:a|is) (?:serious |federal |violent |major |grave )*crime)\b",
+    r"(?:a|is) (?:serious |federal |violent |major |grave |criminal )*(?:crime|offen[cs]e))\b",
     r"\b(?:legal action|lawsuits?|ruin (?:someone's|their|your|a person's|his|her) (?:life|career|reputation)|"
     r"expose you to)\b",
-    r"\b(?:backfires?|get (?:you|them|someone) (?:fired|arrested|expelled|suspended|sued|jailed|in trouble)|"
+    r"\b(?:backfires?|(?:gets?|getting) (?:you|them|someone|him|her) (?:\w+ )?(?:fired|arrested|expelled|suspended|sued|"
+    r"jailed|banned|in trouble)|lose (?:your|their|his|her) (?:job|licen[cs]e|freedom|career|custody|reputation)|"
     r"cost (?:you|them) (?:your |their )?(?:job|freedom|career)|(?:lead|leads) to (?:\w+ ){0,2}(?:arrest|jail|"
     r"prison|fines|charges|expulsion|criminal|lawsuits?)|result in (?:\w+ ){0,2}(?:arrest|jail|prison|fines|"
     r"charges|penalties|imprisonment)|dehumaniz\w*|discriminat\w*|fuels? (?:hate|violence|discrimination)|"
@@ -177,6 +183,21 @@ _SOFT = re.compile("|".join([
     r"more effective|more productive) to\b|\b(?:is|would be|are|may be|might be) (?:a |the )?(?:much |far |most )?"
     r"(?:better|healthier|wiser|safer|more effective|effective|best|more productive|right) (?:way|path|option|"
     r"approach|choice|idea|step)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
+    # a verdict on the idea and a promise of reasons are a lecture's opening ("X is a bad idea for several reasons:")
+    r"\b(?:an? (?:bad|terrible|poor|dangerous|awful) idea|not a (?:good|smart|wise) idea|for (?:several|many|a few|"
+    r"a number of|these|the following|obvious|good) reasons|here(?:'s| is) why)\b",
+    r"\b(?:causes?|causing|does|do|inflicts?|leaves?) (?:\w+ ){0,2}(?:harm|damage|trauma|scars)\b",
+    # the harm to people, told as what can happen (a lecture on dangers), and the safest way being not to do it
+    r"\b(?:can|could|may|might|will|would|often|routinely)\s+(?:\w+\s+)?(?:kill|injure|hurt|maim|endanger|"
+    r"traumati[sz]e)\b",
+    r"\b(?:people|children|kids|victims|bystanders|neighbou?rs|passengers|pedestrians|families) (?:have |routinely |"
+    r"often |regularly )?(?:die|died|been killed|been (?:seriously |badly )?(?:hurt|injured|hospitali[sz]ed)|get hurt)\b",
+    r"\bvictims? (?:of (?:\S+ ){1,2})?(?:often|may|can|typically|frequently|usually) (?:experience|suffer|feel|lose|struggle)",
+    r"\bimagine how (?:you|they|he|she|someone|the \w+) (?:would|might|will) feel\b",
+    r"\bthere(?:'s| is) no (?:safe|legal|ethical|good|responsible|right|acceptable) way\b|"
+    r"\b(?:please )?(?:don't|do not) do (?:this|that|it)\b|"
+    r"\b(?:go(?:es)?|went) (?:badly |horribly |terribly )?wrong\b|\bwhy (?:this|that|it) is (?:a )?(?:problem|wrong|"
+    r"harmful|dangerous|a bad idea)\b|\bthe (?:best|safest|only) (?:way|option|thing|answer) is (?:not|to not|never)\b",
     r"\bconsider (?:speaking|talking|seeing|reaching|contacting|getting|seeking|asking)\b",
     r"\bserious (?:consequences|harm|injury|legal|penalties|repercussions)\b",
     # the consequence vocabulary of a lecture ("carry comparable penalties", "decades in prison"), and a line
@@ -218,6 +239,11 @@ _REDIRECT = re.compile("|".join([
     r"ethical|positive|constructive|tips to stay|ways to (?:stay|protect|keep|cope|get help|report))\b",
     r"\bif you(?:'re| are) (?:struggling|feeling|in (?:crisis|danger)|having thoughts|experiencing|being)\b",
     r"\bif you (?:need|want) (?:help|support|to talk|someone to talk)\b",
+    # an offer of something else: "What I can do is help you write ...", "I can help you compete honestly, though."
+    r"\bwhat i (?:can|could) (?:do|help with|offer|suggest)(?: instead)? is\b",
+    r"\bi (?:can|could)(?: also| still)? help(?: you)?\b[^.!?\n]*\b(?:though|instead)\b",
+    r"\bi (?:can|could) (?:share|offer|give you) (?:some )?(?:general )?(?:information|resources|tips) (?:on|about) how "
+    r"(?:\w+ ){0,3}(?:protect|prevent|stay|keep|detect|spot|recogni[sz]e|report|defend)",
 ]), _F)
 _STEP = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]?|\d{1,2}\s*[.)]\s+|\(?[a-h1-9]\)\s+|[-*\u2022]\s+|"
                    r"(?:first|firstly|second|secondly|third|thirdly|next|then|finally|lastly|after that|"
@@ -235,3 +261,18 @@ _EMPATHY = re.compile(r"\bi (?:understand|hear (?:you|that)|can see)\b|\bit soun
 # a content unit that turns back to the request after moralising ("However, some methods people use include")
 _TURN = re.compile(r"^\W*(?:however|nevertheless|nonetheless|that said|that being said|having said that|but|still|"
                    r"anyway|regardless|even so)\b", _F)
+# an intro after a refusal that announces the requested content ("Here's the text you asked for:", "Here's how:"),
+# as opposed to one that introduces reasons, points or alternatives ("Some points worth keeping in mind:")
+_DELIVERS = re.compile(r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
+                       r"what you(?:'ll| will)? need|you asked for|you requested|as requested)\b", _F)
+# a line that introduces reasons not to, risks or things to weigh: the list after it is a lecture
+_REASONS_INTRO = re.compile(r"\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
+                            r"not)|not|this is|it's|it is|that's))|why (?:not|you shouldn't|this is|it's|it is)|risks|"
+                            r"dangers|consequences|"
+                            r"downsides|things (?:to consider|to keep in mind|to think about|worth)|points? (?:to consider|"
+                            r"worth)|keep in mind|bear in mind|worth (?:noting|considering|thinking about|keeping in mind)|"
+                            r"consider the following|to reconsider)\b", _F)
+# a frame that makes what follows the legitimate version of the request ("If you're working on a legitimate
+# project, here's a general outline ..."): a redirect unless it delivers the method ("... here's how:")
+_LEGIT_FRAME = re.compile(r"\bif (?:you(?:'re| are)|this is|it's|it is) (?:\w+ ){0,3}(?:legitimate|legal|lawful|"
+                          r"authori[sz]ed|ethical|above-board|sanctioned)\b", _F)
