@@ -195,7 +195,7 @@ _SOFT = re.compile("|".join([
     r"\bvictims? (?:of (?:\S+ ){1,2})?(?:often|may|can|typically|frequently|usually) (?:experience|suffer|feel|lose|struggle)",
     r"\bimagine how (?:you|they|he|she|someone|the \w+) (?:would|might|will) feel\b",
     r"\bthere(?:'s| is) no (?:safe|legal|ethical|good|responsible|right|acceptable) way\b|"
-    r"\b(?:please )?(?:don't|do not) do (?:this|that|it)\b|"
+    r"\b(?:please )?(?:don't|do not) do (?:this|that|it)\s*(?:[.!]|$)|"
     r"\b(?:go(?:es)?|went) (?:badly |horribly |terribly )?wrong\b|\bwhy (?:this|that|it) is (?:a )?(?:problem|wrong|"
     r"harmful|dangerous|a bad idea)\b|\bthe (?:best|safest|only) (?:way|option|thing|answer) is (?:not|to not|never)\b",
     r"\bconsider (?:speaking|talking|seeing|reaching|contacting|getting|seeking|asking)\b",
