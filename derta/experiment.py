@@ -122,6 +122,7 @@ def _timed_training(cfg: DertaConfig, output: Path) -> dict:
         record = json.loads(record_file.read_text())
         if record.get("config") == config and Path(record["checkpoint"]).exists():
             return {**record["run"], "config_key": config, "reused": True}
+    discard_stale_run(output, config)
     start = time.perf_counter()
     final = run_training(cfg, output)
     run = json.loads((output / "run.json").read_text())
@@ -129,6 +130,22 @@ def _timed_training(cfg: DertaConfig, output: Path) -> dict:
               "examples_by_kind": run["examples_by_kind"], "seconds": round(time.perf_counter() - start, 1)}
     record_file.write_text(json.dumps({"config": config, "checkpoint": str(final), "run": result}, indent=2))
     return {**result, "config_key": config}
+
+
+def discard_stale_run(output: Path, config: dict) -> None:
+    """Ray Train resumes from the latest checkpoint under `output`/checkpoints (same storage path and run name):
+    a variant trained into the directory of a run with another config would silently continue (or, when that run
+    had finished, simply return) the old model. Its checkpoints, export and logs are removed first; those of an
+    interrupted run of this same config (`experiment_run.started.json`) are kept, so it resumes."""
+    import shutil
+
+    started = output / "experiment_run.started.json"
+    if not (started.exists() and json.loads(started.read_text()) == config):
+        for stale in ("checkpoints", "final"):
+            shutil.rmtree(output / stale, ignore_errors=True)
+        for stale in ("experiment_run.json", "metrics.jsonl", "metrics.redone.jsonl", "run.json"):
+            (output / stale).unlink(missing_ok=True)
+    started.write_text(json.dumps(config, indent=2))
 
 
 # the evaluation settings that decide the completions; the judging is redone whenever an evaluation is reused

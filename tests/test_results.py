@@ -81,6 +81,37 @@ def test_training_reuse_key_ignores_only_what_an_arm_does_not_use():
     assert training_key(derta) == training_key(with_updates(derta, eval={"heldout_split": "dev"}))
 
 
+def test_a_changed_config_trains_afresh_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
+    """Ray Train resumes from checkpoints in the run directory: a variant (another config) trained into the same
+    directory must not find the old run's checkpoints (it would return the old model), an interrupted run of the
+    same config must (it resumes)."""
+    import derta.trainer
+    from derta.config import load_config
+    from derta.experiment import timed_training, with_updates
+
+    seen = []
+
+    def fake_training(cfg, output):  # what Ray Train would resume from, then a finished run's files
+        seen.append(sorted(p.name for p in (output / "checkpoints").glob("*")))
+        (output / "checkpoints" / f"ckpt-{len(seen)}").mkdir(parents=True)
+        (output / "final").mkdir(exist_ok=True)
+        (output / "run.json").write_text(json.dumps({"total_steps": 3, "rows": 9, "examples_by_kind": {}}))
+        return output / "final"
+
+    monkeypatch.setattr(derta.trainer, "run_training", fake_training)
+    cfg = with_updates(load_config("experiment"), data={"mode": "derta"})
+    variant = with_updates(cfg, train={"rto_weight": 0.3})
+    timed_training(cfg, tmp_path)
+    assert timed_training(cfg, tmp_path)["reused"] and seen == [[]]
+    timed_training(variant, tmp_path)
+    assert seen[-1] == []  # not ckpt-1 of the other config
+    (tmp_path / "experiment_run.json").unlink()  # the variant "interrupted" before it finished
+    timed_training(variant, tmp_path)
+    assert seen[-1] == ["ckpt-2"]  # its own checkpoints: resumed
+    timed_training(cfg, tmp_path)
+    assert seen[-1] == [] and not timed_training(variant, tmp_path).get("reused")
+
+
 def test_reused_completions_are_judged_again(tmp_path):
     """rejudge: stored completions get the current judge and coherence verdicts (a stale 'refusal' loop is fixed)."""
     from derta.config import load_config
