@@ -276,3 +276,5 @@ _REASONS_INTRO = re.compile(r"\b(?:reasons? (?:not to|to reconsider|to think twi
 # project, here's a general outline ..."): a redirect unless it delivers the method ("... here's how:")
 _LEGIT_FRAME = re.compile(r"\bif (?:you(?:'re| are)|this is|it's|it is) (?:\w+ ){0,3}(?:legitimate|legal|lawful|"
                           r"authori[sz]ed|ethical|above-board|sanctioned)\b", _F)
+# "it's important to ..." is filler inside the items of a list (a step saying "it's essential to wear gloves")
+_FILLER = re.compile(r"it(?:'s| is) (?:important|crucial|essential|vital)", _F)
