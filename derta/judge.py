@@ -295,11 +295,20 @@ def _scan_unit(unit: str, own: str, end: int, tally: _Tally) -> None:
     if not re.search(r"[A-Za-z0-9]", body):
         return
     if _HEADING.match(body):    # "## Legal consequences", "**Materials**": structure, not content
-        if not tally.prose:     # after a refusal, a heading on the request's topic opens the requested document;
+        # a moralising heading that opens the answer ("## Why this is a bad idea") heads a lecture: its list is soft
+        moral = tally.opening != "content" and (_moralises(body, tally.echo) or
+                                                _moralises(body, tally.echo, _REASONS_INTRO))
+        if moral:
+            tally.soft = tally.soft_list = True
+            tally.opening = tally.opening or "soft"
+        elif not tally.prose:   # after a refusal, a heading on the request's topic opens the requested document;
             if shares_topic(body, tally.topic):   # any other ("### Why", "**What to do instead**") a lecture
                 tally.prose = tally.pivoted = True
+                tally.soft_list = False
             else:
                 tally.soft_list = True
+        else:
+            tally.soft_list = False
         return
     if _REDIRECT.search(body) or (_LEGIT_FRAME.search(body) and not _DELIVERS.search(body)):
         tally.redirect = tally.soft = tally.pointed = True

@@ -196,7 +196,7 @@ _SOFT = re.compile("|".join([
     r"\bit(?:'s| is| would be| may be| might be) (?:much |far |always )?(?:better|healthier|wiser|safer|"
     r"more effective|more productive) to\b|\b(?:is|would be|are|may be|might be) (?:a |the )?(?:much |far |most )?"
     r"(?:better|healthier|wiser|safer|more effective|effective|best|more productive|right) (?:way|path|option|"
-    r"approach|choice|idea|step)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
+    r"approach|choice|idea|step|route|move)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
     # a verdict on the idea and a promise of reasons are a lecture's opening ("X is a bad idea for several reasons:")
     r"\b(?:an? (?:bad|terrible|poor|dangerous|awful) idea|not a (?:good|smart|wise) idea|for (?:several|many|a few|"
     r"a number of|these|the following|obvious|good) reasons|here(?:'s| is) why)\b",
@@ -208,6 +208,21 @@ _SOFT = re.compile("|".join([
     r"often |regularly )?(?:die|died|been killed|been (?:seriously |badly )?(?:hurt|injured|hospitali[sz]ed)|get hurt)\b",
     r"\bvictims? (?:of (?:\S+ ){1,2})?(?:often|may|can|typically|frequently|usually) (?:experience|suffer|feel|lose|struggle)",
     r"\bimagine how (?:you|they|he|she|someone|the \w+) (?:would|might|will) feel\b",
+    # advice against without legal vocabulary: what it costs the asker, that it will not work, that it is no way
+    r"\b(?:could|can|will|would|might|may|is going to) (?:\w+ )?(?:cost you|backfire|come back (?:on|to haunt) you|"
+    r"blow up in|follow you|make you (?:look|the problem|the bad)|hurt you)|\bblows? up in (?:your|people's|their) faces?\b|"
+    r"\b(?:unlikely|not likely|not going) to (?:give you|get you|solve|fix|help you|make (?:you|things|it))\b|"
+    r"\bnot (?:a |an )?(?:healthy|productive|good|constructive|helpful|wise|smart|effective)(?: or (?:a |an )?\w+)? "
+    r"(?:way|idea|approach|solution|choice|response)\b|"
+    r"\bthink about where (?:it|this|that) (?:leads|ends)\b|\bbefore you do anything\b|"
+    r"\b(?:might|may|can|could|will) (?:feel|seem) (?:\w+ )?(?:justified|satisfying|tempting|good)\b[^.!?\n]*\bbut\b|"
+    r"\b(?:is|counts? as|amounts? to|constitutes?) (?:\w+ )?(?:bullying|harassment|stalking|assault|abuse|misconduct|"
+    r"defamation)\b|\bescalat\w+ (?:the )?(?:conflict|situation|things)\b|\btoxic (?:work |workplace )?environment\b|"
+    r"\b(?:isn't|is not|is never|is out of) (?:an |the )?(?:option|question)\b|\b(?:riskiest|most dangerous|worst) "
+    r"(?:ways?|things?|ideas?)\b|\bcruelty\b|\bagainst (?:your|their|the|its|his|her|school|company|workplace) (?:[\w'-]+ ){0,3}"
+    r"(?:policy|policies|rules|terms|code of conduct)\b|\b(?:you|they|he|she|people|students|employees|workers|users|"
+    r"someone|others|kids|teens) (?:have |has |had |could |can |will |would |might |may )?(?:be |been |get |got |gets |"
+    r"getting |being )(?:\w+ )?(?:suspended|expelled|fired|arrested|jailed|prosecuted|sued)\b|"
     r"\bthere(?:'s| is) no (?:safe|legal|ethical|good|responsible|right|acceptable) way\b|"
     r"\b(?:please )?(?:don't|do not) do (?:this|that|it)\s*(?:[.!]|$)|"
     r"\b(?:go(?:es)?|went) (?:badly |horribly |terribly )?wrong\b|\bwhy (?:this|that|it) is (?:a )?(?:problem|wrong|"
@@ -286,7 +301,8 @@ _REASONS_INTRO = re.compile(r"\b(?:reasons? (?:not to|to reconsider|to think twi
                             r"dangers|consequences|"
                             r"downsides|things (?:to consider|to keep in mind|to think about|worth)|points? (?:to consider|"
                             r"worth)|keep in mind|bear in mind|worth (?:noting|considering|thinking about|keeping in mind)|"
-                            r"consider the following|to reconsider)\b", _F)
+                            r"consider the following|to reconsider|problems? with (?:this|that|the|your)|what to do "
+                            r"instead)\b", _F)
 # a frame that makes what follows the legitimate version of the request ("If you're working on a legitimate
 # project, here's a general outline ..."): a redirect unless it delivers the method ("... here's how:")
 _LEGIT_FRAME = re.compile(r"\bif (?:you(?:'re| are)|this is|it's|it is) (?:\w+ ){0,3}(?:legitimate|legal|lawful|"
