@@ -1,6 +1,7 @@
 """Benchmark the Serve app (CPU): probe cost, batched generation throughput, overload behaviour.
 
     python bench/bench_serve.py [--clients 16] [--requests-per-client 4] [--new-tokens 32] [--size probe|tiny]
+    python bench/bench_serve.py --only overload [--overload-connections fresh|keepalive|both] [--overload-hold S]
 
 The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
 forward pass dominates a 512-token probe (`--size tiny`: the 128-hidden 4-layer default, 64 response tokens).
@@ -12,7 +13,8 @@ Named baselines, all measured in this run on the same model and sequences:
   hf_sequential    unbatched HF `generate`, one request after another
   serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel)
   overload         4x the app's capacity (max_ongoing + max_queued) at once: admitted requests complete (p50/p99),
-                   the rest get 503 + Retry-After (max latency printed; target <= 50 ms), no other 5xx
+                   the rest get 503 + Retry-After (p50/p99/max latency; target <= 50 ms), no other 5xx; with fresh
+                   connections per request and with pre-opened keep-alive ones (see `overload`)
 Ratios are printed last; targets: probe <= 1.3x forward, per_position >= 50x probe, serve_batched >= 4x hf_sequential.
 """
 from __future__ import annotations
@@ -112,55 +114,86 @@ class Local:
 
 
 # ============================================================================================ Serve
-def start_serve(cfg, path: str) -> str:
+def start_serve(cfg, path: str, app: bool = True) -> str:
     from ray import serve
 
     from derta.runtime import init_ray
-    from serve.app import bind_app
+    from serve.app import SERVE_PROCESS_ENV, bind_app
 
+    for key, value in SERVE_PROCESS_ENV.items():  # as `derta serve` starts its instance
+        os.environ.setdefault(key, value)
     init_ray(num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(bind_app(cfg, path), name="bench", route_prefix="/", blocking=False)
+    if app:
+        serve.run(bind_app(cfg, path), name="bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}"
 
 
-def overload(base_url: str, cfg, path: str, new_tokens: int) -> dict:
-    """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8)."""
+def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = "both", hold_s: float = 0) -> dict:
+    """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8).
+
+    `connections`: "fresh" = every client opens a new connection with its request (client-side connect cost is
+    part of the latency), "keepalive" = every client opened its keep-alive connection beforehand, as a load
+    generator does; "both" runs the burst twice (fresh first). All clients are built before a barrier and send at
+    once; latency runs from a client's send to its response. `hold_s` > 0 (diagnostic) is the app's batch wait:
+    admitted requests then sit idle that long before any compute, so the 503 latency is Serve's and derta's request
+    handling alone, without the forward passes competing for the CPU."""
     import httpx
     from ray import serve
 
     from serve.app import bind_app
 
     small = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
-        "max_ongoing_requests": 4, "max_queued_requests": 4, "max_batch_size": 4})})
+        "max_ongoing_requests": 4, "max_queued_requests": 4, "max_batch_size": 4,
+        **({"batch_wait_timeout_s": hold_s, "max_batch_size": 64} if hold_s else {})})})
     serve.run(bind_app(small, path), name="overload", route_prefix="/overload", blocking=False)
     capacity, url = 8, f"{base_url}/overload"
     with httpx.Client(base_url=url, timeout=600) as http:
         wait_ready(http)
+    modes = ["fresh", "keepalive"] if connections == "both" else [connections]
+    out = {}
+    for mode in modes:
+        out |= {f"{mode}.{key}": value for key, value in burst(url, 4 * capacity, new_tokens, mode).items()}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        out["healthy_after"] = http.get("/health").status_code == 200 and http.post(
+            "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    serve.delete("overload")
+    return out
+
+
+def burst(url: str, count: int, new_tokens: int, mode: str) -> dict:
+    import threading
+
+    import httpx
+
+    barrier = threading.Barrier(count)
 
     def one(i: int):
         with httpx.Client(base_url=url, timeout=600) as http:
+            if mode == "keepalive":
+                http.get("/health").raise_for_status()  # opens the connection the request will reuse
+            barrier.wait()
             started = time.perf_counter()
             response = http.post("/generate", json={"prompt": prompts(i + 1)[i], "max_new_tokens": new_tokens})
             return response.status_code, response.headers.get("retry-after"), time.perf_counter() - started
 
-    with ThreadPoolExecutor(4 * capacity) as pool:
-        results = list(pool.map(one, range(4 * capacity)))
-    with httpx.Client(base_url=url, timeout=60) as http:
-        healthy = http.get("/health").status_code == 200 and http.post(
-            "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
-    serve.delete("overload")
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(one, range(count)))
     admitted = sorted(t for status, _, t in results if status == 200)
-    rejected = [(t, retry) for status, retry, t in results if status == 503]
+    rejected = sorted(t for status, _, t in results if status == 503)
     return {"sent": len(results), "admitted": len(admitted), "rejected_503": len(rejected),
             "other": sorted(status for status, _, _ in results if status not in (200, 503)),
-            "retry_after_on_all_503": all(retry for _, retry in rejected),
-            "admitted_p50_s": statistics.median(admitted) if admitted else None,
-            "admitted_p99_s": admitted[min(len(admitted) - 1, int(0.99 * len(admitted)))] if admitted else None,
-            "rejected_max_ms": max(t for t, _ in rejected) * 1000 if rejected else None,
-            "rejected_p50_ms": statistics.median(t for t, _ in rejected) * 1000 if rejected else None,
-            "healthy_after": healthy}
+            "retry_after_on_all_503": all(retry for status, retry, _ in results if status == 503),
+            "admitted_p50_s": round(statistics.median(admitted), 3) if admitted else None,
+            "admitted_p99_s": round(percentile(admitted, 0.99), 3) if admitted else None,
+            "rejected_p50_ms": round(statistics.median(rejected) * 1000, 1) if rejected else None,
+            "rejected_p99_ms": round(percentile(rejected, 0.99) * 1000, 1) if rejected else None,
+            "rejected_max_ms": round(rejected[-1] * 1000, 1) if rejected else None}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def wait_ready(http) -> None:
@@ -189,6 +222,12 @@ def serve_throughput(url: str, texts: list[str], clients: int, new_tokens: int) 
     return tokens / seconds, tokens, [r["batch_size"] for r in results]
 
 
+def print_overload(overloaded: dict) -> None:
+    print("\n== overload: 4x capacity at once (503 target: <= 50 ms) ==")
+    for name, value in overloaded.items():
+        print(f"  {name:32s} {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -196,6 +235,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--size", choices=sorted(SIZES), default="probe")
+    parser.add_argument("--only", choices=["all", "overload"], default="all",
+                        help="overload: only the overload part (no in-process baselines, no probe/generate runs)")
+    parser.add_argument("--overload-connections", choices=["fresh", "keepalive", "both"], default="both",
+                        help="overload clients: a new connection per request, pre-opened keep-alive ones, or both")
+    parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
+                        help="diagnostic: admitted overload requests wait S s idle before any compute (isolates the "
+                             "503 path's own cost from CPU contention with the forward passes)")
     args = parser.parse_args()
 
     size_overrides, response_tokens = SIZES[args.size]
@@ -203,6 +249,16 @@ def main() -> None:
                                f"serve.max_ongoing_requests={2 * args.clients}", *size_overrides])
     path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     torch.set_num_threads(2)
+    if args.only == "overload":
+        print(f"[bench] load average at start {os.getloadavg()}", flush=True)
+        overloaded = overload(start_serve(cfg, path, app=False), cfg, path, args.new_tokens, args.overload_connections,
+                              args.overload_hold)
+        print_overload(overloaded)
+        print(f"[bench] load average at end {os.getloadavg()}", flush=True)
+        from ray import serve
+
+        serve.shutdown()
+        return
     local = Local(cfg, path)
     prompt_ids = local.prompt_ids(PROMPT)
     response_text, response_ids = response_of_length(local.tokenizer, response_tokens)
@@ -238,7 +294,7 @@ def main() -> None:
             "generate_8_inprocess_again": lambda: local.generate(short_ids, 8),
         }, args.reps)
     serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens)
-    overloaded = overload(url, cfg, path, args.new_tokens)
+    overloaded = overload(url, cfg, path, args.new_tokens, args.overload_connections)
 
     print("\n== latency: min / median over interleaved runs ==")
     for name, (best, median) in t.items():
@@ -253,9 +309,7 @@ def main() -> None:
     print(f"  p50 Serve+HTTP overhead over the raw model call: /generate (8 tokens) {generate_overhead * 1000:.2f} ms, "
           f"/probe {probe_overhead * 1000:.2f} ms")
 
-    print("\n== overload: 4x capacity at once ==")
-    for name, value in overloaded.items():
-        print(f"  {name:28s} {value}")
+    print_overload(overloaded)
 
     ratios = {  # medians; HTTP numbers against the forward measured interleaved with them
         "probe_inprocess/forward (<=1.3)": median["probe_inprocess"] / median["forward"],

@@ -207,6 +207,10 @@ class ServeConfig(Strict):
                                 "4 x max_batch_size x (max_input_tokens + max_new_tokens); beyond it: 503 + Retry-After")
     probe_threshold: float = Field(0.5, gt=0, lt=1)
     probe_verify_tokens: int = Field(16, ge=1)
+    model_niceness: int = Field(
+        10, ge=0, le=19, description="model replicas run this many nice levels below the process that started them, "
+                                     "so Serve's proxy and the ingress (503s, health) preempt the forward passes on "
+                                     "shared CPUs; 0 = same priority")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -62,10 +62,46 @@ def model_deployment_options(s: ServeConfig) -> dict:
     return options
 
 
+def model_capacity(s: ServeConfig, models: int = 1) -> int | None:
+    """Requests the model deployments of config `s` can hold at their largest: per model, every replica's
+    max_ongoing_requests plus the calling handle's max_queued_requests (None: unbounded queue)."""
+    if s.max_queued_requests == -1:
+        return None
+    replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
+    return models * (replicas * s.max_ongoing_requests + s.max_queued_requests)
+
+
+def deployment_capacity(config) -> int | None:
+    """The same from a live Serve `DeploymentConfig` (serve_config.yaml may override the derta config's values)."""
+    if config.max_queued_requests == -1:
+        return None
+    auto = config.autoscaling_config
+    replicas = auto.max_replicas if auto else (config.num_replicas or 1)
+    return replicas * config.max_ongoing_requests + config.max_queued_requests
+
+
 def deployment_name(served_name: str, default_name: str) -> str:
     if served_name == default_name:
         return "DertaModel"
     return "DertaModel_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in served_name)
+
+
+def lower_priority(levels: int) -> None:
+    """Renice every thread of this process `levels` steps (Linux niceness is per thread; threads started later,
+    e.g. torch's OpenMP pool, inherit it from the thread that starts them). On CPUs shared with Serve's proxy and
+    the ingress this lets them preempt the forward passes: overload 503s and /health answer in milliseconds
+    instead of waiting for a core (bench/bench_serve.py `overload`)."""
+    if levels <= 0:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the calling thread's process
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + levels))
+        except OSError:  # the thread ended meanwhile
+            pass
 
 
 # ============================================================================================ deployment
@@ -77,6 +113,7 @@ class DertaModel:
         import torch
 
         self.cfg = DertaConfig.model_validate(config)
+        lower_priority(self.cfg.serve.model_niceness)
         self.name = name
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # resolve_source fails the deployment early on a bad path
@@ -134,6 +171,13 @@ class DertaModel:
 
     def info(self) -> dict:
         return self.engine.info() | {"ready": self.ready()}
+
+    def capacity(self) -> int | None:
+        """What this deployment can hold, from its live Serve config (the ingress's overload fast path)."""
+        try:
+            return deployment_capacity(serve.get_replica_context()._deployment_config)
+        except Exception:  # noqa: BLE001 -- no replica context (private attribute moved): the derta config's view
+            return model_capacity(self.cfg.serve)
 
     # ------------------------------------------------------------------------------------ generation
     def _batch_started(self) -> None:

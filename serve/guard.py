@@ -4,6 +4,10 @@ Pure ASGI (not Starlette's BaseHTTPMiddleware) so that it sees the body as it ar
 actually received, so a chunked body or a lying Content-Length cannot get past it, and streams pass through
 untouched. Anything a route raises unexpectedly becomes a counted JSON 500 in OpenAI's shape, logged with the
 request id (Serve's proxy puts that id on every response as `X-Request-ID` and in every replica log line).
+
+`Admission` is the overload fast path: a model request that finds the models' whole capacity already inside the
+ingress is answered 503 + `Retry-After` here, before its body is read or anything is awaited, instead of going
+through FastAPI, validation and the model handle only to meet Serve's back-pressure (bench_serve.py `overload`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ logger = logging.getLogger("ray.serve")
 HEALTH_ROUTE = "/health"
 ROUTES = ("/generate", "/probe", "/v1/completions", "/v1/chat/completions", "/v1/models", HEALTH_ROUTE,
           "/ready", "/info", "/metrics", "/openapi.json", "/docs")
+MODEL_ROUTES = ("/generate", "/probe", "/v1/completions", "/v1/chat/completions")  # the routes that await a model
 LATENCY_MS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 
 
@@ -52,6 +57,28 @@ class HttpMetrics:
         self.latency.observe(seconds * 1000, tags={"route": route})
 
 
+class Admission:
+    """At most `capacity` model requests inside this ingress replica at once; the newest beyond it is turned away.
+
+    `capacity` is what the model deployments can hold at their largest (replicas x max_ongoing_requests +
+    max_queued_requests, summed over served models; the ingress learns it from their live Serve config), so this
+    only rejects what Serve's own back-pressure would reject too (or, with several models, a request arriving while
+    the models together are full); Serve's per-deployment check stays the exact one behind it. None: no limit
+    (not known yet, or an unbounded queue)."""
+
+    def __init__(self, capacity: int | None):
+        self.capacity, self.inside = capacity, 0
+
+    def enter(self) -> bool:
+        if self.capacity is not None and self.inside >= self.capacity:
+            return False
+        self.inside += 1
+        return True
+
+    def leave(self) -> None:
+        self.inside -= 1
+
+
 def relative_route(scope) -> str:
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
@@ -71,8 +98,10 @@ def request_id(scope) -> str:
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: HttpMetrics | None):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: HttpMetrics | None,
+                 admission: Admission | None = None):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self.admission = admission or Admission(None)
 
     def authorized(self, scope) -> bool:
         if not self.api_key:
@@ -108,11 +137,17 @@ class Guard:
 
         if self.metrics:
             self.metrics.started()
+        admitted = False
         try:
             if route != HEALTH_ROUTE and not self.authorized(scope):
                 response = json_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                       code="invalid_api_key")
                 return await response(scope, receive, tracked_send)
+            if route in MODEL_ROUTES:
+                admitted = self.admission.enter()
+                if not admitted:
+                    return await json_error(503, "server overloaded, retry later", code="overloaded")(
+                        scope, receive, tracked_send)
             try:
                 declared = int(header(scope, b"content-length") or 0)
             except ValueError:
@@ -131,6 +166,8 @@ class Guard:
                 response = json_error(500, f"internal error (request id {request_id(scope)})", code="internal_error")
                 await response(scope, receive, tracked_send)
         finally:
+            if admitted:
+                self.admission.leave()
             if self.metrics:
                 self.metrics.finished(route_tag, status[0], time.perf_counter() - started)
 

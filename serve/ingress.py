@@ -14,8 +14,9 @@ from fastapi import Request
 from ray import serve
 
 from derta.config import DertaConfig, ServeConfig
+from serve.deployment import model_capacity
 from serve.errors import error_response, json_error, sse, stream_error
-from serve.guard import HEALTH_ROUTE, Guard, HttpMetrics, request_id
+from serve.guard import HEALTH_ROUTE, Admission, Guard, HttpMetrics, request_id
 from serve.openai_routes import add_openai_routes
 from serve.protocol import MAX_CHARS_PER_TOKEN, GenerateRequest, ProbeRequest, Rejection, ServeError, field_error
 
@@ -61,6 +62,8 @@ class DertaIngress:
         if host:
             check_exposure(host, self.api_key, self.cfg.serve.insecure)
         self.metrics = HttpMetrics()
+        self.admission = Admission(None)  # the guard's overload fast path, off until learn_capacity knows the limit
+        self.capacity_task: asyncio.Future | None = None
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -81,8 +84,26 @@ class DertaIngress:
     def max_body_bytes(self) -> int:
         return self.cfg.serve.max_input_tokens * MAX_CHARS_PER_TOKEN * 4 + (1 << 20)
 
+    def learn_capacity(self) -> None:
+        """Ask the model deployments, once, what they can hold at their largest (from their live Serve config, which
+        serve_config.yaml may set apart from the derta config) and give the sum to the guard's admission limit.
+        Until the answer is in, and if a deployment's queue is unbounded, Serve's back-pressure alone rejects."""
+        if self.capacity_task is None:
+            self.capacity_task = asyncio.ensure_future(self._fetch_capacity())
+
+    async def _fetch_capacity(self) -> None:
+        try:
+            capacities = await asyncio.wait_for(
+                asyncio.gather(*(h.capacity.remote() for h in self.models.values())), 60)
+        except Exception:  # noqa: BLE001 -- a model still starting: ask again with a later request
+            self.capacity_task = None
+            return
+        if all(capacity is not None for capacity in capacities):
+            self.admission.capacity = sum(capacities)
+
     async def call(self, model: str | None, method: str, *args):
         """Await one DertaModel method; map rejections and Serve errors to JSON responses."""
+        self.learn_capacity()
         try:
             result = await getattr(self.handle(model), method).remote(*args)
         except Exception as err:
@@ -93,6 +114,7 @@ class DertaIngress:
         """Open a DertaModel stream; errors before its first event become normal HTTP errors."""
         from fastapi.responses import StreamingResponse
 
+        self.learn_capacity()
         try:
             events = self.handle(model).options(stream=True).generate_stream.remote(payload)
             start = await events.__anext__()  # the "start" event, or why the request was rejected
@@ -119,6 +141,7 @@ class DertaIngress:
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def ready(self) -> bool:
+        self.learn_capacity()
         try:
             states = await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self.models.values())), 5)
         except Exception:
@@ -139,7 +162,7 @@ def build_api(ingress: DertaIngress):
         return validation_error(err.errors())
 
     api.add_middleware(Guard, api_key=ingress.api_key, max_body_bytes=ingress.max_body_bytes(),
-                       metrics=ingress.metrics)
+                       metrics=ingress.metrics, admission=ingress.admission)
     add_service_routes(api, ingress)
     add_derta_routes(api, ingress)
     add_openai_routes(api, ingress)
@@ -168,7 +191,8 @@ def add_service_routes(api, ingress: DertaIngress) -> None:
     async def info():
         models = {name: await ingress.call(name, "info") for name in ingress.models}
         failed = next((m for m in models.values() if not isinstance(m, dict)), None)
-        return failed or {"default_model": ingress.default_model, "models": models}
+        return failed or {"default_model": ingress.default_model, "models": models,
+                          "admission_capacity": ingress.admission.capacity}
 
 
 def add_derta_routes(api, ingress: DertaIngress) -> None:
@@ -188,10 +212,25 @@ def add_derta_routes(api, ingress: DertaIngress) -> None:
         return await ingress.call(body.model, "probe", body.model_dump(exclude={"model"}))
 
 
-def ingress_deployment_options(s: ServeConfig) -> dict:
-    """The ingress only waits on DertaModel: let it hold everything the model can admit, plus room for
-    /health and /ready, so overload surfaces as the model's 503 rather than a stuck proxy."""
-    admitted = s.max_ongoing_requests + max(s.max_queued_requests, 0) + 8
-    # the proxy counts requests as queued while it picks a replica, so a tight bound here would reject early
-    queued = -1 if s.max_queued_requests == -1 else 2 * admitted
-    return {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": admitted, "max_queued_requests": queued}
+# Requests the ingress takes per request the models can hold: overload must reach the ingress to get its fast JSON
+# 503 (serve/guard.py Admission). With room for only the admitted ones, Serve's proxy held the rest of a burst
+# and retried them with growing back-off (50, 100, 200, 400 ms ...): 503s took up to 1.4 s.
+INGRESS_BURST_FACTOR = 8
+
+
+def ingress_deployment_options(s: ServeConfig, models: int = 1) -> dict:
+    """The ingress only waits on DertaModel: it takes INGRESS_BURST_FACTOR x what the models can hold, plus room
+    for /health and /ready, and turns the excess away itself (503 + Retry-After in OpenAI's shape). Beyond even
+    that, Serve's proxy queues a little and then rejects with its own 503, which also carries Retry-After."""
+    from ray.serve.config import BackpressureConfig
+
+    from serve.errors import RETRY_AFTER_S
+
+    capacity = model_capacity(s, models)
+    if capacity is None:
+        ongoing, queued = models * s.num_replicas * s.max_ongoing_requests + 8, -1
+    else:
+        ongoing = INGRESS_BURST_FACTOR * capacity + 8
+        queued = 2 * ongoing  # the proxy counts requests as queued while it picks a replica: not too tight
+    return {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": ongoing, "max_queued_requests": queued,
+            "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)}

@@ -445,6 +445,8 @@ def test_overload_gives_503_with_retry_after_and_recovers(server, tiny_config, t
                     assert response.json()["completion_tokens"] >= 1, response.text
             assert http.get("/health").status_code == 200
             assert http.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+            # the guard's fast path learnt the model deployment's live limit: 1 ongoing + 1 queued
+            assert http.get("/info").json()["admission_capacity"] == 2
     finally:
         serve.delete("overload")
 
