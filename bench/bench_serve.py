@@ -239,6 +239,8 @@ def main() -> None:
                         help="overload: only the overload part (no in-process baselines, no probe/generate runs)")
     parser.add_argument("--overload-connections", choices=["fresh", "keepalive", "both"], default="both",
                         help="overload clients: a new connection per request, pre-opened keep-alive ones, or both")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="derta config override for the served app, e.g. serve.model_niceness=0")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
                         help="diagnostic: admitted overload requests wait S s idle before any compute (isolates the "
                              "503 path's own cost from CPU contention with the forward passes)")
@@ -246,7 +248,7 @@ def main() -> None:
 
     size_overrides, response_tokens = SIZES[args.size]
     cfg = load_config("tiny", [f"serve.max_batch_size={args.clients}", "serve.ray_actor_options={num_cpus: 2}",
-                               f"serve.max_ongoing_requests={2 * args.clients}", *size_overrides])
+                               f"serve.max_ongoing_requests={2 * args.clients}", *size_overrides, *args.set])
     path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     torch.set_num_threads(2)
     if args.only == "overload":

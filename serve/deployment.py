@@ -172,13 +172,6 @@ class DertaModel:
     def info(self) -> dict:
         return self.engine.info() | {"ready": self.ready()}
 
-    def capacity(self) -> int | None:
-        """What this deployment can hold, from its live Serve config (the ingress's overload fast path)."""
-        try:
-            return deployment_capacity(serve.get_replica_context()._deployment_config)
-        except Exception:  # noqa: BLE001 -- no replica context (private attribute moved): the derta config's view
-            return model_capacity(self.cfg.serve)
-
     # ------------------------------------------------------------------------------------ generation
     def _batch_started(self) -> None:
         self.running_batches += 1

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from typing import Callable
 
 from fastapi import Request
 from ray import serve
 
 from derta.config import DertaConfig, ServeConfig
-from serve.deployment import model_capacity
+from serve.deployment import deployment_capacity, model_capacity
 from serve.errors import error_response, json_error, sse, stream_error
 from serve.guard import HEALTH_ROUTE, Admission, Guard, HttpMetrics, request_id
 from serve.openai_routes import add_openai_routes
@@ -64,6 +65,7 @@ class DertaIngress:
         self.metrics = HttpMetrics()
         self.admission = Admission(None)  # the guard's overload fast path, off until learn_capacity knows the limit
         self.capacity_task: asyncio.Future | None = None
+        self.capacity_checked = float("-inf")
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -85,21 +87,23 @@ class DertaIngress:
         return self.cfg.serve.max_input_tokens * MAX_CHARS_PER_TOKEN * 4 + (1 << 20)
 
     def learn_capacity(self) -> None:
-        """Ask the model deployments, once, what they can hold at their largest (from their live Serve config, which
-        serve_config.yaml may set apart from the derta config) and give the sum to the guard's admission limit.
-        Until the answer is in, and if a deployment's queue is unbounded, Serve's back-pressure alone rejects."""
-        if self.capacity_task is None:
+        """Give the guard's admission limit what the model deployments can hold at their largest, read from their
+        live config at Serve's controller (serve_config.yaml may set it apart from the derta config; asking the
+        models instead would compete with the traffic for their slots). Re-read every CAPACITY_REFRESH_S (a
+        redeploy may change it). Until it is known, and with an unbounded queue, Serve's back-pressure alone
+        rejects."""
+        if self.capacity_task is None and time.monotonic() - self.capacity_checked >= CAPACITY_REFRESH_S:
+            self.capacity_checked = time.monotonic()
             self.capacity_task = asyncio.ensure_future(self._fetch_capacity())
 
     async def _fetch_capacity(self) -> None:
         try:
-            capacities = await asyncio.wait_for(
-                asyncio.gather(*(h.capacity.remote() for h in self.models.values())), 60)
-        except Exception:  # noqa: BLE001 -- a model still starting: ask again with a later request
+            capacities = await asyncio.to_thread(live_capacities, list(self.models.values()))
+            self.admission.capacity = None if None in capacities else sum(capacities)
+        except Exception:  # noqa: BLE001 -- not under a Serve controller (a plain ASGI test): no fast path
+            pass
+        finally:
             self.capacity_task = None
-            return
-        if all(capacity is not None for capacity in capacities):
-            self.admission.capacity = sum(capacities)
 
     async def call(self, model: str | None, method: str, *args):
         """Await one DertaModel method; map rejections and Serve errors to JSON responses."""
@@ -147,6 +151,18 @@ class DertaIngress:
         except Exception:
             return False
         return all(states)
+
+
+CAPACITY_REFRESH_S = 30
+
+
+def live_capacities(handles) -> list[int | None]:
+    """Each model deployment's capacity (serve/deployment.py deployment_capacity) from Serve's controller."""
+    from ray.serve.context import _get_global_client
+
+    client, app = _get_global_client(), serve.get_replica_context().app_name
+    return [deployment_capacity(client.get_deployment_info(h.deployment_name, app)[0].deployment_config)
+            for h in handles]
 
 
 def build_api(ingress: DertaIngress):
