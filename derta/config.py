@@ -208,9 +208,9 @@ class ServeConfig(Strict):
     probe_threshold: float = Field(0.5, gt=0, lt=1)
     probe_verify_tokens: int = Field(16, ge=1)
     model_niceness: int = Field(
-        10, ge=0, le=19, description="model replicas run this many nice levels below the process that started them, "
-                                     "so Serve's proxy and the ingress (503s, health) preempt the forward passes on "
-                                     "shared CPUs; 0 = same priority")
+        0, ge=0, le=19, description="model replicas run this many nice levels below the process that started them, "
+                                    "so Serve's proxy and the ingress (503s, health) preempt the forward passes on "
+                                    "shared CPUs; 0 = same priority (10 cost /generate throughput in bench_serve.py)")
 
 
 # ----------------------------------------------------------------------------------------------- eval
