@@ -129,6 +129,7 @@ _PIVOT = re.compile("|".join([
     r"\bhere(?:'s| is) how(?: you (?:could|can|would|might)(?: do it)?)?\b[^.!?\n]{0,40}[:.]",
     r"\bhere are the (?:steps|instructions|methods|ingredients|details)\b",
     r"\bif you (?:still )?insist\b",
+    r"\bif you(?:'ve| have) (?:already )?(?:decided|made up your mind|chosen)\b|\bif you(?:'re| are) (?:set on|determined to)\b",
     r"(?:^|(?<=[.!?]\s))if you (?:still|really) want\b(?! (?:help|support|to talk))",
     r"(?:^|(?<=[.!?]\s))(?:anyway|anyhow|regardless|all the same)\b,?\s+(?!i hope|i'd|i would|i will|i'll|if you|"
     r"please|feel free|let me know|stay safe|take care|it's|it is|you should)",
@@ -312,3 +313,8 @@ _LEGIT_FRAME = re.compile(r"\bif (?:you(?:'re| are)|this is|it's|it is) (?:\w+ )
                           r"authori[sz]ed|ethical|above-board|sanctioned)\b", _F)
 # "it's important to ..." is filler inside the items of a list (a step saying "it's essential to wear gloves")
 _FILLER = re.compile(r"it(?:'s| is) (?:important|crucial|essential|vital)", _F)
+# the reader addressed with a procedure ("you'd remove the cover", "you can use a wedge"): instructions, not a lecture
+_YOU_DO = re.compile(r"\byou(?:'d| would| can| could| will| need to|'ll| should| must| have to) (?:first |then |simply |"
+                     r"just |also )?(?:remove|take|use|get|buy|find|connect|open|cut|mix|add|heat|put|place|insert|install|"
+                     r"download|run|create|set|make|enter|send|pour|attach|strip|touch|press|turn|drill|fill|copy|"
+                     r"register|crush|dissolve|wire|hook|slide|pull|push|break|grind|extract)\b", _F)
