@@ -112,21 +112,26 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
 
 
 def trainer_class():
-    """Ray Train's `TorchTrainer`; on a lean private instance, one without the placement-group cleaner callback: its
-    detached actor removes the workers' placement group if the controller dies while the cluster lives on, but a
-    private instance dies with this process (its state-API polls need the dashboard, which a lean instance lacks)."""
+    """Ray Train's `TorchTrainer` without the callbacks whose helper actors derta never uses. Each helper actor is a
+    fresh Ray worker process (~1-2 CPU-s to start on this 2-core box) that competes with the train workers' start:
+    * DatasetsCallback starts a DatasetManager actor for the trainer's `datasets`: derta passes none (each rank
+      reads its share of the prepared Parquet itself, derta.train_data), so it is dropped whenever there are none.
+    * PlacementGroupCleanerCallback (only on a lean private instance): its detached actor removes the workers'
+      placement group if the controller dies while the cluster lives on, but a private instance dies with this
+      process (and its state-API polls need the dashboard, which a lean instance lacks)."""
     import ray
     from ray.train.torch import TorchTrainer
 
-    if not (_lean_session and ray.is_initialized() and ray.get_runtime_context().gcs_address == _lean_session):
-        return TorchTrainer
+    lean = bool(_lean_session and ray.is_initialized() and ray.get_runtime_context().gcs_address == _lean_session)
 
-    class PrivateInstanceTorchTrainer(TorchTrainer):
+    class DertaTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [cb for cb in callbacks if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+            unused = set() if self.datasets else {"DatasetsCallback"}
+            if lean:
+                unused.add("PlacementGroupCleanerCallback")
+            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
-    return PrivateInstanceTorchTrainer
+    return DertaTorchTrainer
 
 
 START_ATTEMPTS = 3
