@@ -22,7 +22,8 @@ REUSE_ENV = "DERTA_RAY_REUSE"
 # env_vars to a running cluster (whose workers inherit `ray start`'s environment, not ours)
 WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "RAY_DEDUP_LOGS": "1"}
-# a lean private instance dies with this process: nothing to watch for node preemption (one actor less)
+# a lean private instance dies with this process: nothing to watch for node preemption (one actor less); also set
+# when the train workers can only run on the driver's node (`trainer_class`)
 LEAN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _lean_session: str | None = None  # GCS address of the lean private instance init_ray started, if any
 
@@ -111,27 +112,48 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     return address
 
 
-def trainer_class():
-    """Ray Train's `TorchTrainer` without the callbacks whose helper actors derta never uses. Each helper actor is a
-    fresh Ray worker process (~1-2 CPU-s to start on this 2-core box) that competes with the train workers' start:
+def trainer_class(train=None):
+    """Ray Train's `TorchTrainer` without the helper actors derta has no use for. Each one is a fresh Ray worker
+    process (~1.5-2 CPU-s to start) that competes with the train workers' start on a small machine:
     * DatasetsCallback starts a DatasetManager actor for the trainer's `datasets`: derta passes none (each rank
       reads its share of the prepared Parquet itself, derta.train_data), so it is dropped whenever there are none.
-    * PlacementGroupCleanerCallback (only on a lean private instance): its detached actor removes the workers'
-      placement group if the controller dies while the cluster lives on, but a private instance dies with this
-      process (and its state-API polls need the dashboard, which a lean instance lacks)."""
+    * PlacementGroupCleanerCallback starts a detached actor that removes the workers' placement group if the
+      controller dies while the driver lives on. The controller is an actor of this driver's job, so Ray already
+      removes that placement group when the job ends (checked on Ray 2.60 by killing a driver whose actor held one),
+      and a `derta` driver ends when training fails; on a lean instance its state-API polls would also need the
+      dashboard, which a lean instance lacks.
+    * The preemption watcher (`train`: the TrainConfig, to know where its workers can go) on a lean instance, or when
+      the workers can only be placed on this driver's own node: a drain of that node ends the driver too, so there
+      is nothing to react to. On a multi-node (or autoscaling) cluster it stays.
+    """
     import ray
     from ray.train.torch import TorchTrainer
 
     lean = bool(_lean_session and ray.is_initialized() and ray.get_runtime_context().gcs_address == _lean_session)
+    if not lean and train is not None and _workers_fit_only_here(train):
+        os.environ.setdefault(*next(iter(LEAN_ENV.items())))
 
     class DertaTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            unused = set() if self.datasets else {"DatasetsCallback"}
-            if lean:
-                unused.add("PlacementGroupCleanerCallback")
+            unused = {"PlacementGroupCleanerCallback"} | (set() if self.datasets else {"DatasetsCallback"})
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
     return DertaTorchTrainer
+
+
+def _workers_fit_only_here(train) -> bool:
+    """True when the cluster is this driver's node alone and that node has the resources of every train worker
+    (so no autoscaler has to add a node for them, and Ray places them all here)."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if len(alive) != 1 or alive[0]["NodeID"] != ray.get_runtime_context().get_node_id():
+        return False
+    if train.placement_strategy == "STRICT_SPREAD" and train.num_workers > 1:
+        return False
+    per_worker = train.resources_per_worker or ({"CPU": 1, "GPU": 1} if train.use_gpu else {"CPU": 1})
+    total = alive[0].get("Resources", {})
+    return all(total.get(name, 0) >= amount * train.num_workers for name, amount in per_worker.items())
 
 
 START_ATTEMPTS = 3

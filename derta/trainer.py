@@ -78,7 +78,7 @@ def run_training(cfg: DertaConfig, output: Path | str | None = None) -> Path:
     print(f"[derta] {num_rows} training rows {counts}; {total_steps} steps on {train.num_workers} workers",
           flush=True)
 
-    trainer = trainer_class()(
+    trainer = trainer_class(train)(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_path": model_path,
                            "output_dir": str(output), "examples_dir": stats["examples_dir"],

@@ -78,3 +78,39 @@ def test_loading_the_tiny_tokenizer_does_not_import_torch(tiny_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_trainer_starts_no_helper_actors_derta_does_not_use(ray_session, tiny_config):
+    """No DatasetManager (derta passes no datasets) and no placement-group cleaner (the job owns the group); the
+    preemption watcher is off only while every train worker has to land on the driver's own node."""
+    from ray.train.torch import TorchTrainer
+
+    from derta.runtime import LEAN_ENV, _workers_fit_only_here, trainer_class
+
+    (watcher_env, off), = LEAN_ENV.items()
+    before = os.environ.pop(watcher_env, None)
+    try:
+        train = tiny_config.train  # 2 workers x 1 CPU on this 4-CPU single-node instance
+        assert _workers_fit_only_here(train)
+        trainer = trainer_class(train)(lambda config: None, train_loop_config={})
+        assert isinstance(trainer, TorchTrainer)
+        assert os.environ.get(watcher_env) == off
+        names = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+        assert "BackendSetupCallback" in names  # the torch process group is still set up
+        assert not names & {"DatasetsCallback", "PlacementGroupCleanerCallback"}, names
+        # a dataset brings the DatasetsCallback back
+        with_data = trainer_class(train)(lambda config: None, datasets={"train": ray_session.data.range(4)})
+        assert "DatasetsCallback" in {type(cb).__name__ for cb in with_data._create_default_callbacks()}
+
+        os.environ.pop(watcher_env)
+        cpus = int(ray_session.cluster_resources()["CPU"])
+        for elsewhere in (train.model_copy(update={"num_workers": cpus + 1}),  # needs another node
+                          train.model_copy(update={"placement_strategy": "STRICT_SPREAD"}),
+                          train.model_copy(update={"use_gpu": True})):
+            assert not _workers_fit_only_here(elsewhere), elsewhere
+            trainer_class(elsewhere)
+            assert watcher_env not in os.environ
+    finally:
+        os.environ.pop(watcher_env, None)
+        if before is not None:
+            os.environ[watcher_env] = before
