@@ -198,6 +198,9 @@ class ServeConfig(Strict):
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_fill_fraction: float = Field(0.25, ge=0, le=1, description=(
+        "after a batch, hold new requests until its size is waiting again or this share of its duration (<= 0.5 s) "
+        "has passed (serve/batch_gate.py); 0: the next batch starts with whatever is waiting"))
     max_input_tokens: int = Field(1024, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     api_key: str | None = None  # or env DERTA_API_KEY

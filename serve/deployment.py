@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from derta.config import DertaConfig, ServeConfig
+from serve.batch_gate import BatchGate
 from serve.engine import Engine, GenerationJob, TokenBudget
 from serve.protocol import Rejection, ServeError
 
@@ -124,13 +125,8 @@ class DertaModel:
         for batched in (self._generate_batch, self._probe_batch):
             batched.set_max_batch_size(s.max_batch_size)
             batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-        # Serve's @serve.batch fixes a batch's members when its wait ends, even while the previous batch still
-        # runs (ray/serve/batching.py `_process_batches`), so under steady load it queues fragments of a few
-        # requests each. Requests enter the batch queues only while the engine is idle: everything that arrived
-        # during a batch forms the next one.
-        self.engine_idle = asyncio.Event()
-        self.engine_idle.set()
-        self.running_batches = 0
+        # requests enter the batch queues only while the engine is idle, after a bounded wait for batch mates
+        self.gate = BatchGate(s.max_batch_size, s.batch_fill_fraction)
         self.budget = TokenBudget(s.max_inflight_tokens
                                   or 4 * s.max_batch_size * (s.max_input_tokens + s.max_new_tokens))
         self._init_metrics()
@@ -173,19 +169,10 @@ class DertaModel:
         return self.engine.info() | {"ready": self.ready()}
 
     # ------------------------------------------------------------------------------------ generation
-    def _batch_started(self) -> None:
-        self.running_batches += 1
-        self.engine_idle.clear()
-
-    def _batch_ended(self) -> None:
-        self.running_batches -= 1
-        if self.running_batches == 0:
-            self.engine_idle.set()
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
         """Serve groups concurrent calls into `jobs`; yields one event per job per decoding step."""
-        self._batch_started()
+        self.gate.batch_started()
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         emit = lambda item: loop.call_soon_threadsafe(steps.put_nowait, item)  # noqa: E731
@@ -207,7 +194,7 @@ class DertaModel:
                 yield [StopIteration if event is None else dict(event, batch_size=len(jobs)) for event in events]
             await worker
         finally:
-            self._batch_ended()
+            self.gate.batch_ended(len(jobs))
 
     async def generate(self, request: dict) -> dict | Rejection:
         events = [event async for event in self.generate_stream(request)]
@@ -247,7 +234,7 @@ class DertaModel:
                    "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "echo": echo,
                    "logprobs": [] if job.logprobs is not None else None}
             return
-        await self.engine_idle.wait()
+        await self.gate.admit()
         async for event in self._generate_batch(job):  # consumed to the end: Serve settles every step future
             if event["delta"]:
                 yield {"type": "delta", "text": event["delta"]}
@@ -269,14 +256,14 @@ class DertaModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _probe_batch(self, items: list[tuple[list[int], list[int], float]]) -> list:
         """Concurrent probes share one forward pass, like /generate requests share decoding steps."""
-        self._batch_started()
+        self.gate.batch_started()
         try:
             started = time.perf_counter()
             results = await asyncio.to_thread(self.engine.probe_batch, items)
             self.probe_latency.observe((time.perf_counter() - started) * 1000)
             return results
         finally:
-            self._batch_ended()
+            self.gate.batch_ended(len(items))
 
     async def _probe(self, request: dict) -> dict:
         self._require_model()
@@ -284,7 +271,7 @@ class DertaModel:
         cost = self.engine.probe_cost(prompt_ids, response_ids, verify)
         self.budget.acquire(cost)
         try:
-            await self.engine_idle.wait()
+            await self.gate.admit()
             result = await self._probe_batch((prompt_ids, response_ids, threshold))
             out = self.engine.probe_report(result, response_ids, threshold) | {"prompt_tokens": len(prompt_ids)}
             if verify:  # one batched generate over all positions; its tokens are in `cost`

@@ -364,6 +364,7 @@ class Engine:
             "refusal_token_ids": self.refusal_ids, "probe_threshold": s.probe_threshold,
             "limits": {"max_input_tokens": s.max_input_tokens, "max_new_tokens": s.max_new_tokens,
                        "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
+                       "batch_fill_fraction": s.batch_fill_fraction,
                        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
                        "probe_verify_tokens": s.probe_verify_tokens},
         }
