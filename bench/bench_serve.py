@@ -1,6 +1,7 @@
 """Benchmark the Serve app (CPU): probe cost, batched generation throughput, overload behaviour.
 
-    python bench/bench_serve.py [--clients 16] [--requests-per-client 4] [--new-tokens 32] [--size probe|tiny]
+    python bench/bench_serve.py [--clients 16] [--requests-per-client 8] [--warmup-requests 1] [--new-tokens 32]
+                                [--size probe|tiny] [--only all|latency|generate|overload[,...]] [--set KEY=VALUE]
     python bench/bench_serve.py --only overload [--overload-connections fresh|keepalive|both] [--overload-hold S]
 
 The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
@@ -11,7 +12,8 @@ Named baselines, all measured in this run on the same model and sequences:
   probe_http       POST /probe over HTTP through Serve (tokenization, routing, JSON included)
   per_position     the naive probe: for each of the 65 positions, prefill prompt + response[:i] and generate 1 token
   hf_sequential    unbatched HF `generate`, one request after another
-  serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel)
+  serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel); each client first sends
+                   --warmup-requests untimed requests (all clients wait for each other), then the timed ones
   overload         4x the app's capacity (max_ongoing + max_queued) at once: admitted requests complete (p50/p99),
                    the rest get 503 + Retry-After (p50/p99/max latency; target <= 50 ms), no other 5xx; with fresh
                    connections per request and with pre-opened keep-alive ones (see `overload`)
@@ -23,6 +25,7 @@ import argparse
 import os
 import socket
 import statistics
+from collections import Counter
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +109,13 @@ class Local:
         out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                   max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
         return out.shape[1] - len(ids)
+
+    def run_generate(self, texts: list[str], new_tokens: int) -> int:
+        """One batch through the serving engine's `run_generate` (what a replica runs per batch)."""
+        from serve.engine import GenerationJob, run_generate
+
+        jobs = [GenerationJob(self.prompt_ids(p), new_tokens) for p in texts]
+        return sum(r["completion_tokens"] for r in run_generate(self.model, self.tokenizer, jobs))
 
     def per_position(self, prompt_ids: list[int], response_ids: list[int]) -> None:
         """The naive probe: one prefill + 1-token generate per position."""
@@ -204,20 +214,35 @@ def wait_ready(http) -> None:
     raise TimeoutError("server never became ready")
 
 
-def serve_throughput(url: str, texts: list[str], clients: int, new_tokens: int) -> tuple[float, int, list[int]]:
-    """Tokens/s with `clients` concurrent HTTP clients; also the batch size each request ran in."""
+def serve_throughput(url: str, texts: list[str], clients: int, new_tokens: int,
+                     warmup: int = 0) -> tuple[float, int, list[int]]:
+    """Tokens/s with `clients` concurrent HTTP clients; also the batch size each timed request ran in.
+
+    Each client first sends `warmup` untimed requests; the clock starts once every client has finished them (a
+    barrier), so the ramp-up of the first batches is not in the steady-state number."""
+    import threading
+
     import httpx
 
     chunks = [texts[i::clients] for i in range(clients)]
+    warm = threading.Barrier(clients + 1)
 
     def client_loop(chunk: list[str]) -> list[dict]:
         with httpx.Client(base_url=url, timeout=300) as http:
-            return [http.post("/generate", json={"prompt": p, "max_new_tokens": new_tokens}).json() for p in chunk]
+            post = lambda p: http.post("/generate", json={"prompt": p, "max_new_tokens": new_tokens}).json()  # noqa: E731
+            try:
+                for p in chunk[:warmup]:
+                    post(p)
+            finally:
+                warm.wait()
+            return [post(p) for p in chunk]
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = [r for chunk in pool.map(client_loop, chunks) for r in chunk]
-    seconds = time.perf_counter() - started
+        futures = [pool.submit(client_loop, chunk) for chunk in chunks]
+        warm.wait()
+        started = time.perf_counter()
+        results = [r for future in futures for r in future.result()]
+        seconds = time.perf_counter() - started
     tokens = sum(r["completion_tokens"] for r in results)
     return tokens / seconds, tokens, [r["batch_size"] for r in results]
 
@@ -228,30 +253,38 @@ def print_overload(overloaded: dict) -> None:
         print(f"  {name:32s} {value}")
 
 
+PARTS = ("latency", "generate", "overload")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--requests-per-client", type=int, default=8, help="timed /generate requests per client")
+    parser.add_argument("--warmup-requests", type=int, default=1, help="untimed /generate requests per client first")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--size", choices=sorted(SIZES), default="probe")
-    parser.add_argument("--only", choices=["all", "overload"], default="all",
-                        help="overload: only the overload part (no in-process baselines, no probe/generate runs)")
+    parser.add_argument("--only", default="all",
+                        help="comma-separated parts to run: all, or some of latency (forward, probe, per_position), "
+                             "generate (hf_sequential, engine_inprocess, serve_batched), overload")
     parser.add_argument("--overload-connections", choices=["fresh", "keepalive", "both"], default="both",
                         help="overload clients: a new connection per request, pre-opened keep-alive ones, or both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="derta config override for the served app, e.g. serve.model_niceness=0")
+                        help="derta config override for the served app, e.g. serve.batch_fill_fraction=0")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
                         help="diagnostic: admitted overload requests wait S s idle before any compute (isolates the "
                              "503 path's own cost from CPU contention with the forward passes)")
     args = parser.parse_args()
+    parts = set(PARTS) if args.only == "all" else set(args.only.split(","))
+    if not parts or parts - set(PARTS):
+        parser.error(f"--only: all, or a comma-separated subset of {', '.join(PARTS)}")
 
     size_overrides, response_tokens = SIZES[args.size]
     cfg = load_config("tiny", [f"serve.max_batch_size={args.clients}", "serve.ray_actor_options={num_cpus: 2}",
                                f"serve.max_ongoing_requests={2 * args.clients}", *size_overrides, *args.set])
     path = resolve_model_path(cfg.model, cfg.data.synthetic, cfg.data.refusal_string)
     torch.set_num_threads(2)
-    if args.only == "overload":
+    if parts == {"overload"}:
         print(f"[bench] load average at start {os.getloadavg()}", flush=True)
         overloaded = overload(start_serve(cfg, path, app=False), cfg, path, args.new_tokens, args.overload_connections,
                               args.overload_hold)
@@ -266,64 +299,85 @@ def main() -> None:
     response_text, response_ids = response_of_length(local.tokenizer, response_tokens)
     sequence = prompt_ids + response_ids
     print(f"[bench] model {path}; prompt {len(prompt_ids)} tokens, response {len(response_ids)} tokens; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"torch threads {torch.get_num_threads()}; parts {sorted(parts)}; load average {os.getloadavg()}",
+          flush=True)
 
     short_ids = local.prompt_ids(prompts(1)[0])
-    t = interleaved_seconds({
-        "forward": lambda: local.forward(sequence),
-        "probe_inprocess": lambda: probe(local.model, prompt_ids, response_ids, local.refusal_ids),
-        "generate_8_inprocess": lambda: local.generate(short_ids, 8),
-    }, args.reps)
-    t |= interleaved_seconds({"per_position": lambda: local.per_position(prompt_ids, response_ids)}, 1, warmup=0)
+    t: dict[str, tuple[float, float]] = {}
+    if "latency" in parts:
+        t = interleaved_seconds({
+            "forward": lambda: local.forward(sequence),
+            "probe_inprocess": lambda: probe(local.model, prompt_ids, response_ids, local.refusal_ids),
+            "generate_8_inprocess": lambda: local.generate(short_ids, 8),
+        }, args.reps)
+        t |= interleaved_seconds({"per_position": lambda: local.per_position(prompt_ids, response_ids)}, 1, warmup=0)
 
     texts = prompts(args.clients * args.requests_per_client)
-    started = time.perf_counter()
-    hf_tokens = sum(local.generate(local.prompt_ids(p), args.new_tokens) for p in texts)
-    hf_throughput = hf_tokens / (time.perf_counter() - started)
+    if "generate" in parts:
+        local.generate(short_ids, args.new_tokens)  # warm-up, untimed
+        started = time.perf_counter()
+        hf_tokens = sum(local.generate(local.prompt_ids(p), args.new_tokens) for p in texts)
+        hf_throughput = hf_tokens / (time.perf_counter() - started)
+        started = time.perf_counter()  # diagnostic: the engine's static batches in process, no Serve, no HTTP
+        engine_tokens = sum(local.run_generate(texts[i:i + args.clients], args.new_tokens)
+                            for i in range(0, len(texts), args.clients))
+        engine_throughput = engine_tokens / (time.perf_counter() - started)
 
     import httpx
 
     url = start_serve(cfg, path)
     with httpx.Client(base_url=url, timeout=300) as http:
         wait_ready(http)
-        probe_body = {"prompt": PROMPT, "response": response_text}
-        assert http.post("/probe", json=probe_body).json()["response_tokens"] == len(response_ids)
-        gen_body = {"prompt": prompts(1)[0], "max_new_tokens": 8}
-        t |= interleaved_seconds({  # the in-process twins again, interleaved with their HTTP calls
-            "forward_again": lambda: local.forward(sequence),
-            "probe_http": lambda: http.post("/probe", json=probe_body).raise_for_status(),
-            "generate_8_http": lambda: http.post("/generate", json=gen_body).raise_for_status(),
-            "generate_8_inprocess_again": lambda: local.generate(short_ids, 8),
-        }, args.reps)
-    serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens)
-    overloaded = overload(url, cfg, path, args.new_tokens, args.overload_connections)
+        if "latency" in parts:
+            probe_body = {"prompt": PROMPT, "response": response_text}
+            assert http.post("/probe", json=probe_body).json()["response_tokens"] == len(response_ids)
+            gen_body = {"prompt": prompts(1)[0], "max_new_tokens": 8}
+            t |= interleaved_seconds({  # the in-process twins again, interleaved with their HTTP calls
+                "forward_again": lambda: local.forward(sequence),
+                "probe_http": lambda: http.post("/probe", json=probe_body).raise_for_status(),
+                "generate_8_http": lambda: http.post("/generate", json=gen_body).raise_for_status(),
+                "generate_8_inprocess_again": lambda: local.generate(short_ids, 8),
+            }, args.reps)
+    if "generate" in parts:
+        serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens,
+                                                                args.warmup_requests)
+    overloaded = overload(url, cfg, path, args.new_tokens, args.overload_connections) if "overload" in parts else {}
 
-    print("\n== latency: min / median over interleaved runs ==")
-    for name, (best, median) in t.items():
-        print(f"  {name:28s} {best * 1000:9.2f} / {median * 1000:9.2f} ms")
-    print("\n== generation throughput ==")
-    print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1)")
-    print(f"  serve_batched          {serve_tps:9.1f} tokens/s  ({serve_tokens} tokens, {args.clients} clients, "
-          f"median batch {statistics.median(batch_sizes):g}, largest {max(batch_sizes)})")
-    median = {name: values[1] for name, values in t.items()}
-    generate_overhead = median["generate_8_http"] - median["generate_8_inprocess_again"]
-    probe_overhead = median["probe_http"] - median["forward_again"]
-    print(f"  p50 Serve+HTTP overhead over the raw model call: /generate (8 tokens) {generate_overhead * 1000:.2f} ms, "
-          f"/probe {probe_overhead * 1000:.2f} ms")
+    ratios = {}
+    if t:
+        print("\n== latency: min / median over interleaved runs ==")
+        for name, (best, median) in t.items():
+            print(f"  {name:28s} {best * 1000:9.2f} / {median * 1000:9.2f} ms")
+        median = {name: values[1] for name, values in t.items()}
+        generate_overhead = median["generate_8_http"] - median["generate_8_inprocess_again"]
+        probe_overhead = median["probe_http"] - median["forward_again"]
+        print(f"  p50 Serve+HTTP overhead over the raw model call: /generate (8 tokens) "
+              f"{generate_overhead * 1000:.2f} ms, /probe {probe_overhead * 1000:.2f} ms")
+        ratios |= {  # medians; HTTP numbers against the forward measured interleaved with them
+            "probe_inprocess/forward (<=1.3)": median["probe_inprocess"] / median["forward"],
+            "probe_http/forward (<=1.3)": median["probe_http"] / median["forward_again"],
+            "per_position/probe_inprocess (>=50)": median["per_position"] / median["probe_inprocess"],
+            "per_position/probe_http (>=50)": median["per_position"] / median["probe_http"],
+        }
+    if "generate" in parts:
+        print("\n== generation throughput ==")
+        print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1)")
+        print(f"  serve_batched          {serve_tps:9.1f} tokens/s  ({serve_tokens} tokens, {args.clients} clients x "
+              f"{args.requests_per_client} timed after {args.warmup_requests} warm-up, median batch "
+              f"{statistics.median(batch_sizes):g}, largest {max(batch_sizes)})")
+        print(f"  engine_inprocess       {engine_throughput:9.1f} tokens/s  (diagnostic: run_generate in batches of "
+              f"{args.clients} in this process, no Serve/HTTP; {engine_throughput / hf_throughput:.2f}x hf_sequential)")
+        sizes = Counter(batch_sizes)
+        print("  batches (size x count): " + ", ".join(f"{size} x {sizes[size] // size}" for size in sorted(sizes)))
+        ratios["serve_batched/hf_sequential (>=4)"] = serve_tps / hf_throughput
+    if overloaded:
+        print_overload(overloaded)
 
-    print_overload(overloaded)
-
-    ratios = {  # medians; HTTP numbers against the forward measured interleaved with them
-        "probe_inprocess/forward (<=1.3)": median["probe_inprocess"] / median["forward"],
-        "probe_http/forward (<=1.3)": median["probe_http"] / median["forward_again"],
-        "per_position/probe_inprocess (>=50)": median["per_position"] / median["probe_inprocess"],
-        "per_position/probe_http (>=50)": median["per_position"] / median["probe_http"],
-        "serve_batched/hf_sequential (>=4)": serve_tps / hf_throughput,
-    }
     print("\n== ratios (medians) ==")
     for name, value in ratios.items():
         print(f"  {name:40s} {value:8.2f}x")
     print("RATIOS " + "  ".join(f"{name.split(' ')[0]}={value:.2f}x" for name, value in ratios.items()))
+    print(f"[bench] load average at end {os.getloadavg()}")
 
     from ray import serve
 
