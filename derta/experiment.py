@@ -95,7 +95,7 @@ def training_key(cfg: DertaConfig) -> dict:
     """What determines a training run: the data, model and train sections (not eval: a tuning run on the dev split
     and the reported run on the test split share their trainings), not RTO settings without RTO examples (nor
     `loss_weighting`: without RTO positions both weightings are the MLE token mean, so a variant that changes it
-    does not pre-train the base again), not the prefix-length distribution in vanilla (always k = 0)."""
+    does not pre-train the base again), not the prefix-length distribution or unit in vanilla (always k = 0)."""
     key = cfg.model_dump(mode="json", include={"data", "model", "train"})
     if cfg.data.mode != "derta":
         key["train"].pop("loss_weighting", None)
@@ -103,8 +103,9 @@ def training_key(cfg: DertaConfig) -> dict:
         key["train"].pop("rto_keep_fraction", None)
         key["data"].pop("rto_keep_fraction", None)
         key["data"]["mix"].pop("rto", None)
-    if cfg.data.mode == "vanilla":
+    if cfg.data.mode == "vanilla":  # no prefix at all: neither its length distribution nor its unit matter
         key["data"].pop("k0_fraction", None)
+        key["data"].pop("prefix_unit", None)
     return key
 
 

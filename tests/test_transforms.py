@@ -241,6 +241,11 @@ def test_word_prefix_unit_cuts_whole_words_and_joins_with_a_space(tokenizer):
         cut = word_prefix(harmful, 0.0, row_rng(seed, "w1", "k"))
         assert text.startswith(cut + " Sorry, I can't help."), text
         assert rto.input_ids[rto.prompt_len:-1] == tokenizer.encode(harmful, add_special_tokens=False)
+    # vanilla has no prefix: both units give the same rows (so `derta experiment` reuses vanilla and the base)
+    vanilla = [examples_for_record(record, tokenizer, renderer, mode="vanilla", refusal_id=5,
+                                   refusal_templates=["Sorry."], k0_fraction=0.0, max_length=256, seed=0,
+                                   prefix_unit=unit) for unit in ("word", "token")]
+    assert vanilla[0] == vanilla[1] and vanilla[0][0].prefix_len == 0
 
 
 def test_row_draws_do_not_depend_on_where_the_corpus_lives():
