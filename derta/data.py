@@ -105,7 +105,7 @@ class Tokenize:
         return examples_for_records(
             records, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
             refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
-            max_length=self.data.max_length, seed=self.data.seed)
+            max_length=self.data.max_length, seed=self.data.seed, prefix_unit=self.data.prefix_unit)
 
     def _rows(self, record: dict, examples: list | Exception) -> list[dict]:
         if isinstance(examples, Exception):  # a row the tokenizer/template rejects is quarantined

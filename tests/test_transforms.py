@@ -248,6 +248,25 @@ def test_word_prefix_unit_cuts_whole_words_and_joins_with_a_space(tokenizer):
     assert vanilla[0] == vanilla[1] and vanilla[0][0].prefix_len == 0
 
 
+def test_the_data_pipeline_honours_prefix_unit(tiny_path):
+    """derta.data.Tokenize (what `derta data prepare` / training run) cuts on words when data.prefix_unit=word (it
+    used to drop the setting and always cut on tokens)."""
+    from derta.config import DataConfig
+    from derta.data import Tokenize
+    from derta.transforms import word_prefix
+
+    harmful = "First, get the tools from the shed and then start."
+    record = {"uid": "w1", "kind": "safety", "instruction": "How?", "harmful_response": harmful,
+              "safe_response": "Sorry, I can't help."}
+    for unit in ("word", "token"):
+        data = DataConfig(prefix_unit=unit, k0_fraction=0.0).model_dump(mode="json")
+        tokenize = Tokenize(str(tiny_path), data, "derta")
+        prefix_row = tokenize._examples([record])[0][0]
+        text = tokenize.tokenizer.decode(prefix_row.input_ids[prefix_row.prompt_len:])
+        cut = word_prefix(harmful, 0.0, row_rng(0, "w1", "k"))
+        assert text.startswith(cut + " Sorry, I can't help.") == (unit == "word"), (unit, text)
+
+
 def test_row_draws_do_not_depend_on_where_the_corpus_lives():
     from derta.transforms import unit_hash
 
