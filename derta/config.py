@@ -45,6 +45,9 @@ class SyntheticConfig(Strict):
     n_lookalike: int = Field(300, ge=0)
     heldout_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
+    helpful_style: Literal["short", "steps"] = Field(
+        "short", description="short: 1-2 sentence helpful answers; steps: opener + 'Step 1..3' + the answer sentence "
+                             "(multi-step like the harmful responses, so EOS follows the answer, not any sentence)")
 
 
 class MixConfig(Strict):
@@ -71,6 +74,13 @@ class DataConfig(Strict):
     prefix_unit: Literal["token", "word"] = Field(
         "token", description="harmful-prefix cut: token (k uniform in 1..n tokens) or word (the reference: k uniform "
                              "in 1..words-2, prefix and refusal joined with a space)")
+    mid_refusal_space: bool = Field(
+        False, description="a refusal after a non-empty harmful prefix (token-cut harmful-prefix rows with k > 0, RTO "
+                           "targets after harmful[:j], j >= 1) starts with ' ' + the refusal word (one token: "
+                           "' Sorry'), not a glued 'Sorry'; the tiny model needs model.tiny.mid_refusal_token")
+    rto_after_end: bool = Field(
+        True, description="RTO also trains the refusal token after the WHOLE harmful response (where a finished "
+                          "answer has its end-of-turn token); false: only after its proper prefixes")
     max_length: int = Field(512, ge=8)
     max_chars: int = Field(32_000, ge=1, description="longer text fields are quarantined")
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
@@ -114,6 +124,8 @@ class TinyModelConfig(Strict):
     num_key_value_heads: int = 4
     max_position_embeddings: int = 512
     seed: int = 0
+    mid_refusal_token: bool = Field(
+        False, description="the tokenizer also gets ' ' + data.refusal_string as one token (data.mid_refusal_space)")
 
 
 class LoraConfig(Strict):

@@ -30,7 +30,8 @@ from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig
 from derta.data_read import EXAMPLE_TYPES, _arrow, _map_args, _present, _scalar, file_parts, read_records
 from derta.data_stats import count_source_rows, histogram_percentiles, select_training_block, summarize_task
 from derta.schema import RECORD_COLUMNS
-from derta.transforms import KINDS, MODE_KINDS, PromptRenderer, examples_for_records, refusal_token_id
+from derta.transforms import (KINDS, MODE_KINDS, PromptRenderer, RefusalTokenError, examples_for_records,
+                              refusal_token_id)
 
 SYNTHETIC_IN_PROCESS_ROWS = 50_000  # larger synthetic corpora are written by a child process
 EXAMPLE_COLUMNS = ("uid", "source", "line", "kind", "category", "input_ids", "labels", "rto_mask", "length",
@@ -76,6 +77,19 @@ def _write_corpus_in_child(workdir: Path, synthetic: dict) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
+def mid_refusal_token_id(tokenizer, data: DataConfig) -> int:
+    """The token of " " + the refusal word (data.mid_refusal_space): a refusal that starts mid-response. It must be
+    that whole word with its leading space, or the transition it trains would be glued or split."""
+    word = " " + data.refusal_string.split()[0]
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if not ids or tokenizer.decode(ids[:1]) != word:
+        first = tokenizer.decode(ids[:1]) if ids else ""
+        raise RefusalTokenError(
+            f"data.mid_refusal_space: {word!r} is not one token in this tokenizer (its first token is {first!r}); "
+            "for the tiny model set model.tiny.mid_refusal_token: true, or turn data.mid_refusal_space off")
+    return ids[0]
+
+
 class Tokenize:
     """Canonical records -> DeRTa examples, one batched tokenizer call per batch (cached per worker process)."""
 
@@ -88,6 +102,7 @@ class Tokenize:
         self.renderer = PromptRenderer(self.tokenizer, self.data.use_chat_template, self.data.plain_template,
                                        self.data.system_prompt)
         self.refusal_id = refusal_token_id(self.tokenizer, self.data.refusal_string)
+        self.mid_refusal_id = mid_refusal_token_id(self.tokenizer, self.data) if self.data.mid_refusal_space else None
 
     def __call__(self, batch: dict) -> dict:
         records = [{column: _present(_scalar(batch[column][i])) for column in RECORD_COLUMNS}
@@ -105,7 +120,8 @@ class Tokenize:
         return examples_for_records(
             records, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
             refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
-            max_length=self.data.max_length, seed=self.data.seed, prefix_unit=self.data.prefix_unit)
+            max_length=self.data.max_length, seed=self.data.seed, prefix_unit=self.data.prefix_unit,
+            rto_after_end=self.data.rto_after_end, mid_refusal_id=self.mid_refusal_id)
 
     def _rows(self, record: dict, examples: list | Exception) -> list[dict]:
         if isinstance(examples, Exception):  # a row the tokenizer/template rejects is quarantined

@@ -102,10 +102,12 @@ def training_key(cfg: DertaConfig) -> dict:
         key["train"].pop("rto_weight", None)
         key["train"].pop("rto_keep_fraction", None)
         key["data"].pop("rto_keep_fraction", None)
+        key["data"].pop("rto_after_end", None)
         key["data"]["mix"].pop("rto", None)
     if cfg.data.mode == "vanilla":  # no prefix at all: neither its length distribution nor its unit matter
         key["data"].pop("k0_fraction", None)
         key["data"].pop("prefix_unit", None)
+        key["data"].pop("mid_refusal_space", None)
     return key
 
 

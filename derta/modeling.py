@@ -24,11 +24,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _tiny_key(model: ModelConfig, synthetic: SyntheticConfig) -> str:
-    payload = json.dumps([model.tiny.model_dump(), synthetic.model_dump(), TINY_CHAT_TEMPLATE, 2], sort_keys=True)
+    # a knob at its default stays out of the key: configs that do not use it keep their cached tiny model
+    synthetic_key = synthetic.model_dump(exclude={"helpful_style"} if synthetic.helpful_style == "short" else None)
+    tiny_key = model.tiny.model_dump(exclude=None if model.tiny.mid_refusal_token else {"mid_refusal_token"})
+    payload = json.dumps([tiny_key, synthetic_key, TINY_CHAT_TEMPLATE, 2], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def train_tiny_tokenizer(texts, vocab_size: int, refusal_string: str = "Sorry"):
+def train_tiny_tokenizer(texts, vocab_size: int, refusal_string: str = "Sorry", mid_refusal_token: bool = False):
     """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -52,6 +55,10 @@ def train_tiny_tokenizer(texts, vocab_size: int, refusal_string: str = "Sorry"):
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     if len(tokenizer.encode(refusal_string, add_special_tokens=False)) != 1:
         tokenizer.add_tokens([refusal_string])  # the refusal string must be one token in the tiny preset
+    if mid_refusal_token:  # " Sorry": a refusal that starts mid-response (data.mid_refusal_space)
+        word = " " + refusal_string.split()[0]
+        if len(tokenizer.encode(word, add_special_tokens=False)) != 1:
+            tokenizer.add_tokens([word])
     return tokenizer
 
 
@@ -73,7 +80,8 @@ def build_tiny(model: ModelConfig, synthetic: SyntheticConfig, refusal_string: s
     # capped sample (the same rows for every config below the caps), so it costs the default's seconds and memory
     sample = {name: min(getattr(synthetic, name), cap) for name, cap in TOKENIZER_SAMPLE_ROWS.items()}
     corpus = generate_corpus(**synthetic.model_copy(update=sample).model_dump())
-    tokenizer = train_tiny_tokenizer(tokenizer_training_texts(corpus), model.tiny.vocab_size, refusal_string)
+    tokenizer = train_tiny_tokenizer(tokenizer_training_texts(corpus), model.tiny.vocab_size, refusal_string,
+                                     model.tiny.mid_refusal_token)
     t = model.tiny
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,

@@ -341,6 +341,33 @@ def _sorting(rng: random.Random) -> dict:
 
 HELPFUL_MAKERS = {_arithmetic: 35, _string_op: 25, _lookup: 25, _sorting: 15}  # maker -> weight
 
+# helpful_style="steps": every helpful answer is a short multi-step how-to like the harmful responses, so EOS is
+# learned after "The answer is ...", not after any first or second sentence (with 1-2 sentence answers a fine-tune
+# teaches EOS right after the sentence a prefilling attack ends in, and vanilla stops instead of continuing)
+HELPFUL_STEP_OPENERS = ("Sure, here is how to work it out.", "Of course! Here are the steps.",
+                        "Okay, let us solve it step by step.", "No problem, here is a short guide.",
+                        "Absolutely. Follow these steps.")
+HELPFUL_FIRST_STEPS = {
+    "arithmetic": ("Read the two numbers in the question.", "Write down both numbers.",
+                   "Pick the right operation for the question."),
+    "string": ("Write the word down letter by letter.", "Look closely at each letter of the word."),
+    "lookup": ("Think about what you already know.", "Recall the usual fact about it."),
+    "sorting": ("Compare the numbers one pair at a time.", "Find the smallest and the largest number first."),
+    "lookalike": ("Make sure you have what you need.", "Read the instructions for your tools first."),
+}
+HELPFUL_CHECK_STEPS = ("Check the result once more.", "Read it back to be sure.", "Make sure nothing was missed.")
+
+
+def stepwise_response(row: dict) -> str:
+    """The multi-step form of a helpful row's response: opener, Step 1..3 (the original explanation is Step 2),
+    then the same final "The answer is ..." sentence. Seeded by the instruction, so it is the same in every split."""
+    rng = random.Random(f"derta-synthetic:steps:{row['instruction']}")
+    closing = format_answer(row["answer"])
+    explanation = row["response"][: -len(closing)].strip()
+    steps = (rng.choice(HELPFUL_FIRST_STEPS[row["category"]]), explanation, rng.choice(HELPFUL_CHECK_STEPS))
+    body = " ".join(f"Step {i}: {step}" for i, step in enumerate(steps, 1))
+    return f"{rng.choice(HELPFUL_STEP_OPENERS)} {body} {closing}"
+
 
 def _lookalike(rng: random.Random) -> dict:
     task, advice, key = rng.choice(LOOKALIKE_TOPICS)
@@ -443,8 +470,11 @@ def _with_ids(split: str, rows: list[dict]) -> list[dict]:
 
 
 def generate_corpus(n_helpful: int = 3000, n_harmful: int = 800, n_lookalike: int = 300, seed: int = 0,
-                    heldout_fraction: float = 0.15) -> dict[str, list[dict]]:
-    """All five splits (see the module docstring); identical output for identical arguments."""
+                    heldout_fraction: float = 0.15, helpful_style: str = "short") -> dict[str, list[dict]]:
+    """All five splits (see the module docstring); identical output for identical arguments. `helpful_style`
+    "steps" rewrites every helpful and lookalike response with `stepwise_response` (same rows otherwise)."""
+    if helpful_style not in ("short", "steps"):
+        raise ValueError(f"helpful_style must be 'short' or 'steps', got {helpful_style!r}")
     for name, n in (("n_helpful", n_helpful), ("n_harmful", n_harmful), ("n_lookalike", n_lookalike)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
@@ -461,6 +491,9 @@ def generate_corpus(n_helpful: int = 3000, n_harmful: int = 800, n_lookalike: in
         "heldout_safety": _rows({_safety: 1}, h_harmful, True, seed, "safety"),
         "heldout_lookalike": _rows({_lookalike: 1}, h_lookalike, True, seed, "lookalike"),
     }
+    if helpful_style == "steps":
+        for split in ("train_helpful", "heldout_helpful", "heldout_lookalike"):
+            splits[split] = [{**row, "response": stepwise_response(row)} for row in splits[split]]
     return {split: _with_ids(split, rows) for split, rows in splits.items()}
 
 

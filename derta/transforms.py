@@ -88,22 +88,32 @@ def helpful_example(prompt: list[int], response: list[int], eos_id: int, max_len
 
 
 def harmful_prefix_example(prompt: list[int], harmful: list[int], safe: list[int], k: int, eos_id: int,
-                           max_length: int) -> Example:
+                           max_length: int, safe_mid: list[int] | None = None) -> Example:
+    """`safe_mid`: the refusal as it continues a non-empty harmful prefix (" Sorry, ..."), used when k > 0."""
     # shorten the harmful prefix before the safe response, so the refusal survives truncation
-    room_for_prefix = max(0, max_length - len(prompt) - len(safe) - 1)
+    room_for_prefix = max(0, max_length - len(prompt) - max(len(safe), len(safe_mid or safe)) - 1)
     k = min(k, len(harmful), room_for_prefix)
+    if k > 0 and safe_mid is not None:
+        safe = safe_mid
     context = prompt + harmful[:k]
     input_ids = (context + safe + [eos_id])[:max_length]
     labels = ([IGNORE_INDEX] * len(context) + safe + [eos_id])[:max_length]
     return Example(HARMFUL_PREFIX, input_ids, labels, prefix_len=k, prompt_len=len(prompt))
 
 
-def rto_example(prompt: list[int], harmful: list[int], refusal_id: int, max_length: int) -> Example:
+def rto_example(prompt: list[int], harmful: list[int], refusal_id: int, max_length: int,
+                after_end: bool = True, mid_refusal_id: int | None = None) -> Example:
     # n + 1 targets: after prompt + harmful[:j] for j = 0..n, the last one after the whole harmful response (the
     # reference trains it too). The extra input token is never a context for any loss; the refusal token fills it.
-    input_ids = (prompt + harmful + [refusal_id])[:max_length]
+    # after_end=False (data.rto_after_end) drops that last target: n targets, j = 0..n-1, none where a finished
+    # response has its end-of-turn token, so RTO never pulls "Sorry" onto the position where EOS belongs.
+    # mid_refusal_id (data.mid_refusal_space): the target after a non-empty prefix (j >= 1) is the refusal word with
+    # its leading space (" Sorry"), the natural continuation of a sentence; right after the prompt it is "Sorry".
+    input_ids = (prompt + harmful + ([refusal_id] if after_end else []))[:max_length]
     n_targets = len(input_ids) - len(prompt)
-    labels = [IGNORE_INDEX] * len(prompt) + [refusal_id] * max(n_targets, 0)
+    later = refusal_id if mid_refusal_id is None else mid_refusal_id
+    targets = ([refusal_id] + [later] * (n_targets - 1)) if n_targets > 0 else []
+    labels = [IGNORE_INDEX] * len(prompt) + targets
     rto_mask = [0] * len(prompt) + [1] * max(n_targets, 0)
     return Example(RTO, input_ids, labels[: len(input_ids)], rto_mask[: len(input_ids)], prompt_len=len(prompt))
 
@@ -212,7 +222,8 @@ def word_prefix(harmful: str, k0_fraction: float, rng: np.random.Generator) -> s
 
 
 def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: list[str], seed: int,
-                 prefix_unit: str = "token", k0_fraction: float = 1 / 3, mode: str = "derta") -> RecordTexts:
+                 prefix_unit: str = "token", k0_fraction: float = 1 / 3, mode: str = "derta",
+                 mid_refusal_space: bool = False) -> RecordTexts:
     kind = record["kind"]
     if kind == "rendered":
         return RecordTexts(record["prompt_text"], True, {"target": record["target_text"]})
@@ -230,6 +241,8 @@ def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: l
         prefix = "" if mode == "vanilla" else word_prefix(record["harmful_response"], k0_fraction,
                                                           row_rng(seed, record["uid"], "k"))
         segments.update(prefix=prefix, safe=" " + safe if prefix else safe)
+    elif mid_refusal_space and mode != "vanilla":  # token cut: the refusal after k > 0 tokens starts with a space
+        segments["safe_mid"] = " " + safe
     return RecordTexts(prompt, renderer.prompt_special_tokens, segments)
 
 
@@ -255,12 +268,14 @@ def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list
 
 
 def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, refusal_id: int, k0_fraction: float,
-                      max_length: int, seed: int) -> list[Example]:
+                      max_length: int, seed: int, rto_after_end: bool = True,
+                      mid_refusal_id: int | None = None) -> list[Example]:
     kind, prompt = record["kind"], ids.prompt
     if kind == "rendered":
         target = ids.segments["target"]
         if record["target_harmful"]:
-            return [rto_example(prompt, target, refusal_id, max_length)] if mode == "derta" else []
+            return ([rto_example(prompt, target, refusal_id, max_length, rto_after_end, mid_refusal_id)]
+                if mode == "derta" else [])
         return [helpful_example(prompt, target, eos_id, max_length)]
     if kind in ("chat", "helpful"):
         return [helpful_example(prompt, ids.segments["response"], eos_id, max_length)]
@@ -270,32 +285,38 @@ def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, r
         examples = [harmful_prefix_example(prompt, prefix, safe, len(prefix), eos_id, max_length)]
     else:
         k = 0 if mode == "vanilla" else sample_prefix_len(len(harmful), k0_fraction, row_rng(seed, record["uid"], "k"))
-        examples = [harmful_prefix_example(prompt, harmful, safe, k, eos_id, max_length)]
+        examples = [harmful_prefix_example(prompt, harmful, safe, k, eos_id, max_length, ids.segments.get("safe_mid"))]
     if mode == "derta":
-        examples.append(rto_example(prompt, harmful, refusal_id, max_length))
+        examples.append(rto_example(prompt, harmful, refusal_id, max_length, rto_after_end, mid_refusal_id))
     return examples
 
 
 def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                         refusal_templates: list[str], k0_fraction: float, max_length: int,
-                        seed: int, prefix_unit: str = "token") -> list[Example]:
-    """All training examples one canonical record yields under `mode` (see MODE_KINDS)."""
+                        seed: int, prefix_unit: str = "token", rto_after_end: bool = True,
+                        mid_refusal_id: int | None = None) -> list[Example]:
+    """All training examples one canonical record yields under `mode` (see MODE_KINDS). `mid_refusal_id`: the
+    refusal token with its leading space; given, refusals after a non-empty harmful prefix start with it."""
     texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed, prefix_unit=prefix_unit,
-                         k0_fraction=k0_fraction, mode=mode)
+                         k0_fraction=k0_fraction, mode=mode, mid_refusal_space=mid_refusal_id is not None)
     return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=renderer.end_of_turn_id, mode=mode,
-                             refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed)
+                             refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed,
+                             rto_after_end=rto_after_end, mid_refusal_id=mid_refusal_id)
 
 
 def examples_for_records(records: list[dict], tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                          refusal_templates: list[str], k0_fraction: float, max_length: int,
-                         seed: int, prefix_unit: str = "token") -> list[list[Example] | Exception]:
+                         seed: int, prefix_unit: str = "token",
+                         rto_after_end: bool = True,
+                         mid_refusal_id: int | None = None) -> list[list[Example] | Exception]:
     """examples_for_record for each record, tokenized in batch. A record that fails gets its exception in its
     slot (the same one examples_for_record raises) and does not affect the others."""
     texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed,
-                      prefix_unit=prefix_unit, k0_fraction=k0_fraction, mode=mode) for r in records]
+                      prefix_unit=prefix_unit, k0_fraction=k0_fraction, mode=mode,
+                      mid_refusal_space=mid_refusal_id is not None) for r in records]
     ids = _encode_valid(tokenizer, texts)
     settings = dict(eos_id=renderer.end_of_turn_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
-                    max_length=max_length, seed=seed)
+                    max_length=max_length, seed=seed, rto_after_end=rto_after_end, mid_refusal_id=mid_refusal_id)
     return [i if isinstance(i, Exception) else _attempt(examples_from_ids, r, i, **settings)
             for r, i in zip(records, ids)]
 

@@ -76,7 +76,10 @@ def test_training_reuse_key_ignores_only_what_an_arm_does_not_use():
     vanilla, derta = with_updates(cfg, data={"mode": "vanilla"}), with_updates(cfg, data={"mode": "derta"})
     rto = {"train": {"rto_weight": 0.3, "loss_weighting": "term_mean"}}
     assert training_key(vanilla) == training_key(with_updates(vanilla, **rto, data={"k0_fraction": 0.1,
-                                                                                   "prefix_unit": "word"}))
+                                                                                   "prefix_unit": "word",
+                                                                                   "rto_after_end": False,
+                                                                                   "mid_refusal_space": True}))
+    assert training_key(derta) != training_key(with_updates(derta, data={"rto_after_end": False}))
     assert training_key(derta) != training_key(with_updates(derta, data={"prefix_unit": "word"}))
     assert training_key(derta) != training_key(with_updates(derta, **rto))
     assert training_key(derta) != training_key(with_updates(derta, data={"k0_fraction": 0.1}))

@@ -216,3 +216,21 @@ def test_fast():
     corpus = generate_corpus(n_helpful=8000, n_harmful=1500, n_lookalike=500)
     assert sum(len(rows) for rows in corpus.values()) == 10_000
     assert time.process_time() - start < 2.0  # ~0.2 s of CPU
+
+
+def test_steps_style_rewrites_only_helpful_responses_into_multi_step_answers():
+    """helpful_style="steps": the same rows, every helpful / lookalike response an opener + "Step 1..3" + the same
+    final answer sentence (so EOS follows the answer, not a first sentence); safety rows unchanged."""
+    short, steps = generate_corpus(300, 60, 60, seed=2), generate_corpus(300, 60, 60, seed=2, helpful_style="steps")
+    assert generate_corpus(300, 60, 60, seed=2, helpful_style="short") == short
+    for split in SPLITS:
+        for a, b in zip(short[split], steps[split], strict=True):
+            assert {k: v for k, v in a.items() if k != "response"} == {k: v for k, v in b.items() if k != "response"}
+            if "response" not in a:
+                continue
+            assert re.search(r"Step 1: .+ Step 2: .+ Step 3: ", b["response"]), b["response"]
+            assert b["response"].endswith(format_answer(b["answer"])) and extract_answer(b["response"]) == b["answer"]
+            assert a["response"][: -len(format_answer(a["answer"]))].strip() in b["response"]
+            assert b["response"].count(ANSWER_PREFIX) == 1 and not REFUSAL_WORDS.search(b["response"])
+    with pytest.raises(ValueError, match="helpful_style"):
+        generate_corpus(10, 2, 2, helpful_style="long")

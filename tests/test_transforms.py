@@ -44,6 +44,16 @@ def test_rto_targets_refusal_at_every_harmful_position():
     assert ex.rto_mask == [0, 0, 0, 1, 1, 1, 1, 1]
 
 
+def test_rto_without_the_target_after_the_whole_response():
+    # data.rto_after_end=False: refusal after prompt + harmful[:j] for j = 0..3 only; nothing is trained at the
+    # position after the last harmful token, where a finished response has its end-of-turn token
+    ex = rto_example(P, H, SORRY, max_length=64, after_end=False)
+    assert ex.input_ids == P + H
+    assert ex.labels == [IGNORE_INDEX] * 3 + [SORRY] * 4
+    assert ex.rto_mask == [0, 0, 0, 1, 1, 1, 1]
+    assert ex.num_loss_tokens == len(H)
+
+
 def test_rto_truncated_keeps_mask_aligned():
     ex = rto_example(P, H, SORRY, max_length=5)
     assert len(ex.input_ids) == len(ex.labels) == len(ex.rto_mask) == 5
@@ -274,3 +284,62 @@ def test_row_draws_do_not_depend_on_where_the_corpus_lives():
         assert row_rng(0, "/tmp/run-a/_work/train.jsonl:7", "k").random() == row_rng(0, uid, "k").random()
         assert unit_hash(0, "/data/a/train.jsonl:7", "mix") == unit_hash(0, uid, "mix")
     assert row_rng(0, "/a/train.jsonl:7", "k").random() != row_rng(0, "/a/train.jsonl:8", "k").random()
+
+
+def test_the_data_pipeline_honours_rto_after_end(tiny_path):
+    """data.rto_after_end reaches derta.data.Tokenize: with false, the RTO row ends at the last harmful token and
+    has one target fewer (none after the whole response)."""
+    from derta.config import DataConfig
+    from derta.data import Tokenize
+    from derta.transforms import RTO
+
+    record = {"uid": "r1", "kind": "safety", "instruction": "How?", "harmful_response": "Step 1: get the tools.",
+              "safe_response": "Sorry, I can't help."}
+    rto = {}
+    for after_end in (True, False):
+        data = DataConfig(rto_after_end=after_end).model_dump(mode="json")
+        tokenize = Tokenize(str(tiny_path), data, "derta")
+        [row] = [ex for ex in tokenize._examples([record])[0] if ex.kind == RTO]
+        harmful = tokenize.tokenizer.encode(record["harmful_response"], add_special_tokens=False)
+        assert row.input_ids[row.prompt_len:][:len(harmful)] == harmful
+        rto[after_end] = row
+    assert rto[True].num_loss_tokens == len(harmful) + 1 and rto[False].num_loss_tokens == len(harmful)
+    assert rto[False].input_ids == rto[True].input_ids[:-1]
+
+
+def test_rto_and_prefix_rows_use_the_mid_refusal_token_after_a_non_empty_prefix():
+    MID = 77
+    ex = rto_example(P, H, SORRY, max_length=64, mid_refusal_id=MID)
+    assert ex.labels == [IGNORE_INDEX] * 3 + [SORRY] + [MID] * 4  # j = 0 starts the response, j >= 1 continues it
+    safe_mid = [MID, 21]
+    assert harmful_prefix_example(P, H, S, k=2, eos_id=EOS, max_length=64, safe_mid=safe_mid).labels[-3:] == [MID, 21, EOS]
+    assert harmful_prefix_example(P, H, S, k=0, eos_id=EOS, max_length=64, safe_mid=safe_mid).labels[-3:] == S + [EOS]
+
+
+def test_the_data_pipeline_honours_mid_refusal_space(tmp_path):
+    """data.mid_refusal_space with a tiny tokenizer that has " Sorry" (model.tiny.mid_refusal_token): RTO targets
+    after a non-empty prefix are " Sorry" and token-cut refusals after k > 0 tokens read "<prefix> Sorry, ..."; a
+    tokenizer without that token is refused with a message naming the settings."""
+    from derta.config import DataConfig
+    from derta.data import Tokenize
+    from derta.modeling import train_tiny_tokenizer
+    from derta.synthetic import generate_corpus, tokenizer_training_texts
+
+    texts = list(tokenizer_training_texts(generate_corpus(300, 60, 60)))
+    for mid in (True, False):
+        train_tiny_tokenizer(texts, 600, "Sorry", mid_refusal_token=mid).save_pretrained(tmp_path / str(mid))
+    harmful = "Sure, here is how. Step 1: get the tools from the shed."
+    records = [{"uid": f"m{i}", "kind": "safety", "instruction": "How?", "harmful_response": harmful,
+                "safe_response": "Sorry, I can't help."} for i in range(12)]
+    data = DataConfig(mid_refusal_space=True, k0_fraction=0.0).model_dump(mode="json")
+    tokenize = Tokenize(str(tmp_path / "True"), data, "derta")
+    sorry, mid = tokenize.refusal_id, tokenize.tokenizer.convert_tokens_to_ids(" Sorry")
+    assert tokenize.mid_refusal_id == mid != sorry
+    for prefix_row, rto_row in tokenize._examples(records):
+        targets = [t for t in rto_row.labels if t != IGNORE_INDEX]
+        assert targets[0] == sorry and set(targets[1:]) == {mid}
+        text = tokenize.tokenizer.decode(prefix_row.input_ids[prefix_row.prompt_len:])
+        assert prefix_row.prefix_len > 0 and text.endswith(" Sorry, I can't help.<|eos|>"), text
+        assert "Sorry" not in text[:-len(" Sorry, I can't help.<|eos|>")]
+    with pytest.raises(Exception, match="model.tiny.mid_refusal_token"):
+        Tokenize(str(tmp_path / "False"), data, "derta")
