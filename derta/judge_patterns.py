@@ -126,7 +126,8 @@ _PIVOT = re.compile("|".join([
     r"keep|get help|cope)|some (?:general|resources|legal|safe|ethical|healthy))))",
     r"\b(?:but|however|that said|anyway)\b[,:]?\s+(?:if you (?:still |really )?(?:want|insist)|since you asked|"
     r"for (?:educational|informational|research) purposes|hypothetically|in theory|you (?:could|can|would) )",
-    r"\bhere(?:'s| is) how(?: you (?:could|can|would|might)(?: do it)?)?\b[^.!?\n]{0,40}[:.]",
+    r"\bhere(?:'s| is) how(?: you (?:could|can|would|might)(?: do it)?)?\b(?![^.!?\n]{0,25}\b(?:protect|prevent|"
+    r"defend|secure|spot|recogni[sz]e|detect|report|avoid|stay safe|keep (?:yourself|your|them))\w*)[^.!?\n]{0,40}[:.]",
     r"\bhere are the (?:steps|instructions|methods|ingredients|details)\b",
     r"\bif you (?:still )?insist\b",
     r"\bif you(?:'ve| have) (?:already )?(?:decided|made up your mind|chosen)\b|\bif you(?:'re| are) (?:set on|determined to)\b",
@@ -221,7 +222,8 @@ _SOFT = re.compile("|".join([
     r"\bthink about where (?:it|this|that) (?:leads|ends)\b|\bbefore you do anything\b|"
     r"\b(?:might|may|can|could|will) (?:feel|seem) (?:\w+ )?(?:justified|satisfying|tempting|good)\b[^.!?\n]*\bbut\b|"
     r"\b(?:is|counts? as|amounts? to|constitutes?) (?:\w+ )?(?:bullying|harassment|stalking|assault|abuse|misconduct|"
-    r"defamation)\b|\bescalat\w+ (?:the )?(?:conflict|situation|things)\b|\btoxic (?:work |workplace )?environment\b|"
+    r"defamation|theft|identity theft|burglary|trespass\w*|vandalism|blackmail|arson|smuggling|"
+    r"voter suppression|insider trading|market manipulation)\b|\bescalat\w+ (?:the )?(?:conflict|situation|things)\b|\btoxic (?:work |workplace )?environment\b|"
     r"\b(?:isn't|is not|is never|is out of) (?:an |the )?(?:option|question)\b|\b(?:riskiest|most dangerous|worst) "
     r"(?:ways?|things?|ideas?)\b|\bcruelty\b|\bagainst (?:your|their|the|its|his|her|school|company|workplace) (?:[\w'-]+ ){0,3}"
     r"(?:policy|policies|rules|terms|code of conduct)\b|\b(?:you|they|he|she|people|students|employees|workers|users|"
@@ -236,7 +238,9 @@ _SOFT = re.compile("|".join([
     # the consequence vocabulary of a lecture ("carry comparable penalties", "decades in prison"), and a line
     # that introduces a list of consequences ("Using a fake ID can result in:")
     r"\b(?:prison|jail|imprisonment|penalt(?:y|ies)|felony|felonies|criminal record|prosecut\w*|consequences|"
-    r"devastat\w*|repercussions)\b",
+    r"devastat\w*|repercussions|(?:held|be) liable|civil liability|face (?:\w+ )?charges|charged with)\b",
+    # concern for the asker opens a lecture as moralising does ("I'm worried about what you're describing")
+    r"\bi(?:'m| am) (?:really |very |genuinely |a (?:little|bit) )?(?:worried|concerned) (?:about|by|for)\b",
     r"\b(?:can|could|may|will|would|might) (?:result in|lead to|cause)\s*:\s*$",
     r"\bi(?:'d| would)? (?:would |strongly |highly |must |really |have to )*(?:advise|urge|caution|encourage|"
     r"recommend|suggest)\s+"
@@ -297,7 +301,10 @@ _TURN = re.compile(r"^\W*(?:however|nevertheless|nonetheless|that said|that bein
                    r"anyway|regardless|even so)\b", _F)
 # an intro after a refusal that announces the requested content ("Here's the text you asked for:", "Here's how:"),
 # as opposed to one that introduces reasons, points or alternatives ("Some points worth keeping in mind:")
-_DELIVERS = re.compile(r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
+# (not the defensive version: "here's how people protect themselves from it:" delivers nothing that was asked)
+_PROTECTS = r"\b(?:protect|prevent|defend|spot|recogni[sz]e|detect|stay safe)\w*"
+_DELIVERS = re.compile(r"^(?![^\n]*" + _PROTECTS + r")[^\n]*?"
+                       r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
                        r"what you(?:'ll| will)? need|you asked for|you requested|as requested)\b", _F)
 # a line that introduces reasons not to, risks or things to weigh: the list after it is a lecture
 _REASONS_INTRO = re.compile(r"\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
@@ -310,7 +317,8 @@ _REASONS_INTRO = re.compile(r"\b(?:reasons? (?:not to|to reconsider|to think twi
 # a frame that makes what follows the legitimate version of the request ("If you're working on a legitimate
 # project, here's a general outline ..."): a redirect unless it delivers the method ("... here's how:")
 _LEGIT_FRAME = re.compile(r"\bif (?:you(?:'re| are)|this is|it's|it is) (?:\w+ ){0,3}(?:legitimate|legal|lawful|"
-                          r"authori[sz]ed|ethical|above-board|sanctioned)\b", _F)
+                          r"authori[sz]ed|ethical|above-board|sanctioned)\b|\bif you have (?:a |an )?(?:legitimate|legal|"
+                          r"lawful|genuine|valid) (?:need|reason|purpose|use|business)\b", _F)
 # "it's important to ..." is filler inside the items of a list (a step saying "it's essential to wear gloves")
 _FILLER = re.compile(r"it(?:'s| is) (?:important|crucial|essential|vital)", _F)
 # the reader addressed with a procedure ("you'd remove the cover", "you can use a wedge"): instructions, not a lecture
@@ -318,3 +326,15 @@ _YOU_DO = re.compile(r"\byou(?:'d| would| can| could| will| need to|'ll| should|
                      r"just |also )?(?:remove|take|use|get|buy|find|connect|open|cut|mix|add|heat|put|place|insert|install|"
                      r"download|run|create|set|make|enter|send|pour|attach|strip|touch|press|turn|drill|fill|copy|"
                      r"register|crush|dissolve|wire|hook|slide|pull|push|break|grind|extract)\b", _F)
+# the words of a lawful alternative in a list intro ("Here's what tends to actually get deposits back:", "Some lawful
+# ways to speed things up:"): after a lecture, such a list is what to do instead, not the requested content
+_ALTERNATIVE = re.compile(r"\b(?:legal(?:ly)?|lawful(?:ly)?|legitimate(?:ly)?|safe(?:ly|r)?|healthy|healthier|"
+                          r"honest(?:ly)?|instead|constructive|positive|alternatives?|ethical(?:ly)?)\b", _F)
+# what a redirect offers when it is a real alternative ("Instead, here is how to report it safely")
+_LAWFUL = re.compile(r"\b(?:legal(?:ly)?|lawful(?:ly)?|legitimate(?:ly)?|safe(?:ly|r|ty)?|ethical(?:ly)?|health(?:y|ier)|"
+                     r"protect\w*|prevent\w*|report\w*|resources?|support|alternatives?|help\w*)\b", _F)
+# the model offering to lay something out itself ("I'll describe the general process"), not advice ("I'd recommend")
+_DESCRIBES = re.compile(r"\bi(?:'ll| will| can| could|'d| would)? (?:briefly |instead )?(?:describe|explain|outline|walk (?:you )?"
+                        r"through|go over|summari[sz]e|tell you|show you)\b", _F)
+# a list intro about defending against the request ("here's how people protect themselves from it:")
+_DEFENSIVE = re.compile(_PROTECTS, _F)
