@@ -197,7 +197,7 @@ class DertaModel:
             self.gate.batch_ended(len(jobs))
 
     async def generate(self, request: dict) -> dict | Rejection:
-        events = [event async for event in self.generate_stream(request)]
+        events = [event async for event in self.generate_stream(request, stream=False)]
         if isinstance(events[0], Rejection):
             return events[0]
         final = events[-1]
@@ -205,11 +205,12 @@ class DertaModel:
             return Rejection(500, f"generation failed for this request: {final.get('error')}", code="generation_error")
         return {key: value for key, value in final.items() if key != "type" and value is not None}
 
-    async def generate_stream(self, request: dict) -> AsyncIterator[dict | Rejection]:
-        """A "start" event (or a Rejection), {"type": "delta", "text"} events, then one "final" event."""
+    async def generate_stream(self, request: dict, stream: bool = True) -> AsyncIterator[dict | Rejection]:
+        """A "start" event (or a Rejection), {"type": "delta", "text"} events (`stream=False`: only where a batch
+        mate streams), then one "final" event."""
         try:
             self._require_model()
-            job = self.engine.job(request)
+            job = self.engine.job(request, stream)
         except ServeError as err:
             yield err.rejection()
             return

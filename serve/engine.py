@@ -29,6 +29,7 @@ class GenerationJob:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob and the top k
+    stream: bool = True  # False: the caller wants only the final event, not a delta per step
 
     @property
     def samples(self) -> bool:
@@ -254,7 +255,9 @@ class RowTracker:
         return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
     def emit(self) -> None:
-        events = []
+        """Per-step events to `on_step`; a step whose only news is deltas for rows nobody streams is not reported
+        (under Serve each reported step wakes every request of the batch: ~5% of a batch's decode time)."""
+        events, news = [], False
         for index, row in enumerate(self.rows):
             if self.done_before[index]:
                 events.append(None)
@@ -263,8 +266,9 @@ class RowTracker:
             if row.finished:
                 event.update(row.result(), final=True)
                 self.done_before[index] = True
+            news = news or row.finished or (row.job.stream and bool(event["delta"]))
             events.append(event)
-        if self.on_step:
+        if self.on_step and news:
             self.on_step(events)
 
 
@@ -451,12 +455,12 @@ class Engine:
             raise ServeError(413, f"input is {count} tokens; the limit is serve.max_input_tokens={limit}",
                              code="input_too_long")
 
-    def job(self, request: dict) -> GenerationJob:
+    def job(self, request: dict, stream: bool = True) -> GenerationJob:
         prompt_ids = self.prompt_ids(request)
         self.check_input_tokens(len(prompt_ids))
         return GenerationJob(prompt_ids, request["max_new_tokens"], request.get("temperature", 0.0),
                              request.get("top_p", 1.0), request.get("seed"), list(request.get("stop") or []),
-                             request.get("logprobs"))
+                             request.get("logprobs"), stream)
 
     def generate(self, jobs: list[GenerationJob], on_step: Callable[[list[dict | None]], None] | None = None):
         return run_generate(self.model, self.tokenizer, jobs, on_step)

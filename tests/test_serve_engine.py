@@ -185,3 +185,25 @@ def test_generation_stops_on_every_eos_id_of_the_checkpoints_generation_config(t
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
     (stopped,) = run_generate(model, tokenizer, [GenerationJob(ids, 6, temperature=0.0)])
     assert stopped["token_ids"] == [] and stopped["finish_reason"] != "length", stopped
+
+
+def test_steps_are_reported_only_when_someone_needs_them(tiny_model, tokenizer):
+    """Rows nobody streams (`stream=False`) get no per-step delta events, only their final one; a streaming batch
+    mate still gets every step's delta; the results are the same either way."""
+    from serve.engine import GenerationJob, run_generate
+
+    short, long = prompt_ids(tokenizer, "How do I bake bread?"), prompt_ids(tokenizer, "Why is the sky blue, and why?")
+
+    def run(streams: list[bool], new_tokens: list[int]):
+        steps: list[list] = []
+        jobs = [GenerationJob(ids, n, stream=s) for ids, n, s in zip([short, long], new_tokens, streams)]
+        return run_generate(tiny_model, tokenizer, jobs, steps.append), steps
+
+    streamed, every_step = run([True, True], [3, 9])
+    quiet, final_steps = run([False, False], [3, 9])
+    assert quiet == streamed
+    assert [[bool(e and e.get("final")) for e in step] for step in final_steps] == [[True, False], [False, True]]
+    mixed, mixed_steps = run([False, True], [3, 9])
+    assert mixed == streamed and len(final_steps) < len(mixed_steps) <= len(every_step)
+    streamed_text = "".join(step[1]["delta"] for step in mixed_steps if step[1] is not None)
+    assert streamed_text == streamed[1]["text"]
