@@ -3,6 +3,7 @@
     python bench/bench_serve.py [--clients 16] [--requests-per-client 8] [--warmup-requests 1] [--new-tokens 32]
                                 [--size probe|tiny] [--only all|latency|generate|overload[,...]] [--set KEY=VALUE]
     python bench/bench_serve.py --only overload [--overload-connections fresh|keepalive|both] [--overload-hold S]
+                                [--overload-client asyncio|threads|both]
 
 The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
 forward pass dominates a 512-token probe (`--size tiny`: the 128-hidden 4-layer default, 64 response tokens).
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 from collections import Counter
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -140,15 +143,18 @@ def start_serve(cfg, path: str, app: bool = True) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = "both", hold_s: float = 0) -> dict:
+def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = "both", hold_s: float = 0,
+             clients: str = "both") -> dict:
     """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8).
 
     `connections`: "fresh" = every client opens a new connection with its request (client-side connect cost is
     part of the latency), "keepalive" = every client opened its keep-alive connection beforehand, as a load
-    generator does; "both" runs the burst twice (fresh first). All clients are built before a barrier and send at
-    once; latency runs from a client's send to its response. `hold_s` > 0 (diagnostic) is the app's batch wait:
-    admitted requests then sit idle that long before any compute, so the 503 latency is Serve's and derta's request
-    handling alone, without the forward passes competing for the CPU."""
+    generator does; "both" runs the burst twice (fresh first). `clients`: "asyncio" = bench/burst_client.py in its
+    own process (one aiohttp event loop, as a load generator sends), "threads" = the older in-process client (one
+    httpx thread per request, in the bench process next to Ray's driver), "both" = each in turn. All requests are
+    built first and sent at once; latency runs from a request's send to its response. `hold_s` > 0 (diagnostic)
+    is the app's batch wait: admitted requests then sit idle that long before any compute, so the 503 latency is
+    Serve's and derta's request handling alone, without the forward passes competing for the CPU."""
     import httpx
     from ray import serve
 
@@ -161,10 +167,14 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     capacity, url = 8, f"{base_url}/overload"
     with httpx.Client(base_url=url, timeout=600) as http:
         wait_ready(http)
-    modes = ["fresh", "keepalive"] if connections == "both" else [connections]
     out = {}
-    for mode in modes:
-        out |= {f"{mode}.{key}": value for key, value in burst(url, 4 * capacity, new_tokens, mode).items()}
+    for client in (["asyncio", "threads"] if clients == "both" else [clients]):
+        for mode in (["fresh", "keepalive"] if connections == "both" else [connections]):
+            run = burst_asyncio if client == "asyncio" else burst_threads
+            results = run(url, 4 * capacity, new_tokens, mode, f"{client}-{mode}")
+            time.sleep(2)  # the admitted requests of one burst are done before the next starts; logs flushed
+            out |= {f"{client}.{mode}.{key}": value
+                    for key, value in (summarise(results) | where_503s_went(results)).items()}
     with httpx.Client(base_url=url, timeout=60) as http:
         out["healthy_after"] = http.get("/health").status_code == 200 and http.post(
             "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
@@ -172,34 +182,90 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     return out
 
 
-def burst(url: str, count: int, new_tokens: int, mode: str) -> dict:
+def burst_asyncio(url: str, count: int, new_tokens: int, mode: str, tag: str) -> list[dict]:
+    """bench/burst_client.py in its own process (its interpreter start is not in the latencies)."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "burst_client.py"
+    done = subprocess.run([sys.executable, str(script), url, "--count", str(count), "--new-tokens", str(new_tokens),
+                           "--mode", mode, "--tag", tag], capture_output=True, text=True, timeout=900, check=True)
+    return json.loads(done.stdout)["results"]
+
+
+def burst_threads(url: str, count: int, new_tokens: int, mode: str, tag: str) -> list[dict]:
+    """The in-process client: one httpx thread per request, all released by a barrier."""
     import threading
 
     import httpx
 
     barrier = threading.Barrier(count)
 
-    def one(i: int):
+    def one(i: int) -> dict:
         with httpx.Client(base_url=url, timeout=600) as http:
             if mode == "keepalive":
                 http.get("/health").raise_for_status()  # opens the connection the request will reuse
             barrier.wait()
-            started = time.perf_counter()
-            response = http.post("/generate", json={"prompt": prompts(i + 1)[i], "max_new_tokens": new_tokens})
-            return response.status_code, response.headers.get("retry-after"), time.perf_counter() - started
+            sent = time.time()
+            response = http.post("/generate", json={"prompt": prompts(i + 1)[i], "max_new_tokens": new_tokens},
+                                 headers={"X-Request-ID": f"{tag}-{i}"})
+            return {"id": f"{tag}-{i}", "status": response.status_code, "sent": sent, "received": time.time(),
+                    "retry_after": response.headers.get("retry-after")}
 
     with ThreadPoolExecutor(count) as pool:
-        results = list(pool.map(one, range(count)))
-    admitted = sorted(t for status, _, t in results if status == 200)
-    rejected = sorted(t for status, _, t in results if status == 503)
+        return list(pool.map(one, range(count)))
+
+
+def summarise(results: list[dict]) -> dict:
+    seconds = lambda status: sorted(r["received"] - r["sent"] for r in results if r["status"] == status)  # noqa: E731
+    admitted, rejected = seconds(200), seconds(503)
     return {"sent": len(results), "admitted": len(admitted), "rejected_503": len(rejected),
-            "other": sorted(status for status, _, _ in results if status not in (200, 503)),
-            "retry_after_on_all_503": all(retry for status, retry, _ in results if status == 503),
+            "other": sorted(r["status"] for r in results if r["status"] not in (200, 503)),
+            "retry_after_on_all_503": all(r["retry_after"] for r in results if r["status"] == 503),
             "admitted_p50_s": round(statistics.median(admitted), 3) if admitted else None,
             "admitted_p99_s": round(percentile(admitted, 0.99), 3) if admitted else None,
             "rejected_p50_ms": round(statistics.median(rejected) * 1000, 1) if rejected else None,
             "rejected_p99_ms": round(percentile(rejected, 0.99) * 1000, 1) if rejected else None,
             "rejected_max_ms": round(rejected[-1] * 1000, 1) if rejected else None}
+
+
+ACCESS_LOG = re.compile(r"^\w+ (\S+ \S+) (\S+) .* (\S+) -- \w+ \S+ (\d{3}) ([\d.]+)ms$")
+
+
+def access_log_times() -> dict[str, dict[str, tuple[float, float]]]:
+    """request id -> {"proxy"|"ingress": (start, end)} from this Ray session's Serve access logs (wall clock; a
+    line is stamped when the response ends and carries its duration)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    times: dict[str, dict[str, tuple[float, float]]] = {}
+    for file in [*logs.glob("proxy_*.log"), *logs.glob("replica_*DertaIngress*.log")]:
+        where = "proxy" if file.name.startswith("proxy_") else "ingress"
+        for line in file.read_text(errors="replace").splitlines():
+            match = ACCESS_LOG.match(line)
+            if match:
+                end = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                times.setdefault(match[3], {})[where] = (end - float(match[5]) / 1000, end)
+    return times
+
+
+def where_503s_went(results: list[dict]) -> dict:
+    """Median / max ms of each leg of the rejected requests, matched by request id: client send -> proxy start,
+    proxy start -> ingress start, in the ingress, ingress end -> proxy end, proxy end -> client receive (with
+    direct ingress there is no proxy: client send -> ingress start, ingress end -> client receive). Log stamps
+    have 1 ms resolution."""
+    logs = access_log_times()
+    legs: dict[str, list[float]] = {}
+    for r in results:
+        seen = logs.get(r["id"], {})
+        if r["status"] != 503 or "ingress" not in seen:
+            continue
+        (i0, i1), (p0, p1) = seen["ingress"], seen.get("proxy", (None, None))
+        points = [("send", r["sent"]), *([("proxy", p0)] if p0 else []), ("ingress", i0), ("503_out", i1),
+                  *([("proxy_out", p1)] if p1 else []), ("client", r["received"])]
+        for (a, ta), (b, tb) in zip(points, points[1:]):
+            legs.setdefault(f"{a}->{b}", []).append((tb - ta) * 1000)
+    return {f"ms_{leg}": f"{statistics.median(ms):.1f} / {max(ms):.1f}" for leg, ms in legs.items()}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -269,6 +335,9 @@ def main() -> None:
                              "generate (hf_sequential, engine_inprocess, serve_batched), overload")
     parser.add_argument("--overload-connections", choices=["fresh", "keepalive", "both"], default="both",
                         help="overload clients: a new connection per request, pre-opened keep-alive ones, or both")
+    parser.add_argument("--overload-client", choices=["asyncio", "threads", "both"], default="both",
+                        help="overload load generator: bench/burst_client.py in its own process (asyncio), the "
+                             "in-process httpx threads, or both in turn")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="derta config override for the served app, e.g. serve.batch_fill_fraction=0")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
@@ -287,7 +356,7 @@ def main() -> None:
     if parts == {"overload"}:
         print(f"[bench] load average at start {os.getloadavg()}", flush=True)
         overloaded = overload(start_serve(cfg, path, app=False), cfg, path, args.new_tokens, args.overload_connections,
-                              args.overload_hold)
+                              args.overload_hold, args.overload_client)
         print_overload(overloaded)
         print(f"[bench] load average at end {os.getloadavg()}", flush=True)
         from ray import serve
@@ -341,7 +410,8 @@ def main() -> None:
     if "generate" in parts:
         serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens,
                                                                 args.warmup_requests)
-    overloaded = overload(url, cfg, path, args.new_tokens, args.overload_connections) if "overload" in parts else {}
+    overloaded = (overload(url, cfg, path, args.new_tokens, args.overload_connections, clients=args.overload_client)
+                  if "overload" in parts else {})
 
     ratios = {}
     if t:
