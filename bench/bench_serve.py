@@ -131,10 +131,9 @@ def start_serve(cfg, path: str, app: bool = True) -> str:
     from ray import serve
 
     from derta.runtime import init_ray
-    from serve.app import SERVE_PROCESS_ENV, bind_app
+    from serve.app import bind_app, set_serve_process_env
 
-    for key, value in SERVE_PROCESS_ENV.items():  # as `derta serve` starts its instance
-        os.environ.setdefault(key, value)
+    set_serve_process_env(cfg)  # as `derta serve` starts its instance
     init_ray(num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -168,6 +167,11 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     with httpx.Client(base_url=url, timeout=600) as http:
         wait_ready(http)
     out = {}
+    if cfg.serve.direct_ingress:  # the ingress replica's own port: no proxy in the path
+        from serve.app import wait_direct_ingress
+
+        url = wait_direct_ingress("overload", "127.0.0.1")[0]
+        out["direct_ingress_url"] = url
     for client in (["asyncio", "threads"] if clients == "both" else [clients]):
         for mode in (["fresh", "keepalive"] if connections == "both" else [connections]):
             run = burst_asyncio if client == "asyncio" else burst_threads

@@ -226,6 +226,10 @@ class ServeConfig(Strict):
         0, ge=0, le=19, description="model replicas run this many nice levels below the process that started them, "
                                     "so Serve's proxy and the ingress (503s, health) preempt the forward passes on "
                                     "shared CPUs; 0 = same priority (10 cost /generate throughput in bench_serve.py)")
+    direct_ingress: bool = Field(
+        False, description="Ray Serve direct ingress: the ingress replica also serves HTTP on its own port (from "
+                           "30000; `derta serve` prints it), no proxy hop; the proxy's port keeps working. Must be "
+                           "in the environment when Ray starts (`derta serve` sets it for the instance it starts)")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -83,6 +83,34 @@ def default_model_path(cfg: DertaConfig, runs_dir: Path | str | None = None) -> 
 # RAY_SERVE_THROUGHPUT_OPTIMIZED profile; in bench_serve.py's overload burst they took the 503s' p50 from 76 to
 # 68 ms (keep-alive clients, one run each, load ~60).
 SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+
+
+def set_serve_process_env(cfg: DertaConfig) -> None:
+    """Environment for a Ray instance this process starts (Serve reads it when its controller and replicas start;
+    a running cluster keeps its own). `serve.direct_ingress` turns on Ray Serve's direct ingress: each ingress
+    replica also listens on its own HTTP port (Serve allocates it from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+    30000, on `serve.host`), so a request skips the proxy's hop, and proxies run on the head node only."""
+    for key, value in SERVE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if cfg.serve.direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"
+        # Serve holds a stopping direct-ingress replica open >= 30 s so that load balancers can deregister it; the
+        # instance `derta serve` starts has none in front, so Ctrl-C need not wait that long
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+
+
+def direct_ingress_urls(app_name: str, host: str) -> list[str]:
+    """The base URLs of `app_name`'s ingress replicas under direct ingress (from Serve's controller, which knows
+    the ports it gave them); [] when direct ingress is off in this cluster. `host` is what they bind (Serve's
+    http_options.host): a loopback or wildcard bind is reached at its own address / the node's address."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    return [f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}{group.route_prefix.rstrip('/')}"
+            for group in groups if group.app_name == app_name and str(group.protocol.value) == "HTTP"
+            for t in group.targets if t.name.startswith("SERVE_REPLICA::")]
 
 
 def start_local(cfg: DertaConfig, model: str, port: int | None = None) -> str:
@@ -90,8 +118,7 @@ def start_local(cfg: DertaConfig, model: str, port: int | None = None) -> str:
     from derta.runtime import init_ray
 
     check_exposure(cfg.serve.host, cfg.serve.api_key or os.environ.get("DERTA_API_KEY"), cfg.serve.insecure)
-    for key, value in SERVE_PROCESS_ENV.items():
-        os.environ.setdefault(key, value)
+    set_serve_process_env(cfg)
     init_ray()
     port = port or cfg.serve.port
     serve.start(http_options={"host": cfg.serve.host, "port": port})
@@ -104,10 +131,30 @@ def run_local(cfg: DertaConfig, model: str | None = None, port: int | None = Non
     model = model or default_model_path(cfg)
     url = start_local(cfg, model, port)
     print(f"[derta] serving {model} at {url} (Ctrl-C to stop)", flush=True)
+    if cfg.serve.direct_ingress:
+        direct = wait_direct_ingress("derta", cfg.serve.host)
+        print(f"[derta] direct ingress (no proxy hop): {', '.join(direct)}" if direct else
+              f"[derta] serve.direct_ingress: this Ray cluster's Serve runs without it ({DIRECT_INGRESS_ENV}=1 must "
+              "be in its environment when it starts); serving through the proxy only", flush=True)
     try:
         wait_for_signal()
     finally:
         serve.shutdown()
+
+
+def wait_direct_ingress(app_name: str, host: str, timeout_s: float = 600) -> list[str]:
+    """direct_ingress_urls once `app_name` is running (its replicas get their ports as they start)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return direct_ingress_urls(app_name, host)
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return []
+        time.sleep(0.5)
+    return []
 
 
 def wait_for_signal() -> None:

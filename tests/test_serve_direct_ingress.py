@@ -1,0 +1,94 @@
+"""`derta serve` with `serve.direct_ingress=true`: the ingress replica serves HTTP on its own port (no proxy hop),
+the proxy's port keeps working, and overload still ends in 503 + Retry-After, never another 5xx.
+
+Its own Ray instance (direct ingress is read when Serve's controller and replicas start), so a subprocess.
+Deterministic: admitted requests are held by a long batch wait, never by timing; only invariants are asserted."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.serve_utils import free_port, wait_ready
+
+REPO = Path(__file__).resolve().parent.parent
+CAPACITY = 4  # max_ongoing_requests 2 + max_queued_requests 2
+HOLD_S = 20  # batch wait: admitted requests sit in one open batch while the burst arrives
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@pytest.mark.slow
+def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry_after(tiny_config, tiny_path,
+                                                                                        tmp_path):
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, DERTA_RAY_REUSE="0", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("RAY_ADDRESS", None)
+    sets = [f"model.tiny_dir={tiny_config.model.tiny_dir}", "serve.direct_ingress=true",
+            "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", "serve.max_batch_size=64",
+            f"serve.batch_wait_timeout_s={HOLD_S}", "serve.batch_fill_fraction=0"]
+    command = [sys.executable, "-m", "derta.cli", "serve", "--model", tiny_path, "--port", str(port)]
+    for item in sets:
+        command += ["--set", item]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+    console, direct = [], None
+    try:
+        deadline = time.monotonic() + 900
+        while direct is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=5)
+            except queue.Empty:
+                continue
+            console.append(line)
+            match = re.search(r"direct ingress \(no proxy hop\): (\S+)", line)
+            direct = match[1] if match else None
+        assert direct, "no direct ingress URL printed:\n" + "".join(console[-40:])
+        assert not direct.endswith(f":{port}")  # its own port, not the proxy's
+
+        with httpx.Client(base_url=direct, timeout=600) as http:
+            wait_ready(http, timeout=600)
+            health = http.get("/health")
+            assert health.status_code == 200 and health.headers.get("x-request-id")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert http.get("/health").status_code == 200  # the proxy still routes to the same app
+
+        def one(i: int):
+            with httpx.Client(base_url=direct, timeout=600) as http:
+                return http.post("/generate", json={"prompt": f"question {i}", "max_new_tokens": 2})
+
+        with ThreadPoolExecutor(4 * CAPACITY) as pool:
+            responses = list(pool.map(one, range(4 * CAPACITY)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503}, statuses  # no other 5xx
+        assert 1 <= statuses.count(200) <= CAPACITY, statuses
+        for rejected in (r for r in responses if r.status_code == 503):
+            assert rejected.headers.get("retry-after"), rejected.headers
+            assert set(rejected.json()["error"]) == {"message", "type", "param", "code"}
+        with httpx.Client(base_url=direct, timeout=600) as http:  # healthy afterwards
+            assert http.get("/health").status_code == 200
+            info = http.get("/info").json()
+            assert info["admission_capacity"] in (None, CAPACITY)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
