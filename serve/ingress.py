@@ -105,11 +105,32 @@ class DertaIngress:
         finally:
             self.capacity_task = None
 
+    async def admitted(self, start: Callable):
+        """`await start()`, retried while Serve's router over-rejects a request the guard admitted.
+
+        Serve's router counts a request as queued until a replica has accepted it, so in a burst it turns away
+        requests while earlier ones are still being assigned (ray/serve/_private/router.py
+        `wrap_request_assignment` says so): with the burst straight at the ingress (serve.direct_ingress) only 4-5
+        of a capacity of 8 got in. A request the guard's Admission let in (the models' live capacity is not
+        exhausted) therefore retries its BackPressureError for up to ROUTER_RETRY_S; without a known capacity the
+        first one stands."""
+        from ray.serve.exceptions import BackPressureError
+
+        deadline = time.monotonic() + ROUTER_RETRY_S
+        while True:
+            try:
+                return await start()
+            except BackPressureError:
+                if self.admission.capacity is None or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(ROUTER_RETRY_PAUSE_S)
+
     async def call(self, model: str | None, method: str, *args):
         """Await one DertaModel method; map rejections and Serve errors to JSON responses."""
         self.learn_capacity()
         try:
-            result = await getattr(self.handle(model), method).remote(*args)
+            handle = self.handle(model)
+            result = await self.admitted(lambda: getattr(handle, method).remote(*args))
         except Exception as err:
             return error_response(err)
         return error_response(result) if isinstance(result, Rejection) else result
@@ -119,9 +140,12 @@ class DertaIngress:
         from fastapi.responses import StreamingResponse
 
         self.learn_capacity()
-        try:
+        async def open_stream():
             events = self.handle(model).options(stream=True).generate_stream.remote(payload)
-            start = await events.__anext__()  # the "start" event, or why the request was rejected
+            return events, await events.__anext__()  # the "start" event, or why the request was rejected
+
+        try:
+            events, start = await self.admitted(open_stream)
         except Exception as err:
             return error_response(err)
         if isinstance(start, Rejection):
@@ -154,6 +178,7 @@ class DertaIngress:
 
 
 CAPACITY_REFRESH_S = 30
+ROUTER_RETRY_S, ROUTER_RETRY_PAUSE_S = 0.2, 0.005
 
 
 def live_capacities(handles) -> list[int | None]:

@@ -154,3 +154,41 @@ def test_deployment_capacity_reads_the_live_serve_config():
         options.pop("ray_actor_options")
         live = DeploymentConfig(**options)
         assert deployment_capacity(live) == model_capacity(s)
+
+
+def test_an_admitted_request_outlasts_the_routers_burst_over_rejection():
+    """Serve's router rejects while earlier requests are still being assigned; a request the guard admitted retries
+    (bounded), one without a known capacity or past the retry window gets the 503."""
+    from types import SimpleNamespace
+
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.guard import Admission
+    from serve.ingress import DertaIngress
+
+    admitted = DertaIngress.func_or_class.admitted
+
+    def flaky(failures: int):
+        calls = []
+
+        async def start():
+            calls.append(1)
+            if len(calls) <= failures:
+                raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+            return "ok"
+        return start, calls
+
+    start, calls = flaky(3)
+    assert asyncio.run(admitted(SimpleNamespace(admission=Admission(8)), start)) == "ok" and len(calls) == 4
+    start, calls = flaky(1)
+    try:
+        asyncio.run(admitted(SimpleNamespace(admission=Admission(None)), start))
+        raise AssertionError("no capacity known: the router's rejection must stand")
+    except BackPressureError:
+        assert len(calls) == 1
+    start, calls = flaky(10**9)
+    try:  # never accepted: the retries end (ROUTER_RETRY_S) and the 503 stands
+        asyncio.run(admitted(SimpleNamespace(admission=Admission(8)), start))
+        raise AssertionError("retries must end")
+    except BackPressureError:
+        assert len(calls) >= 1
