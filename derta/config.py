@@ -48,6 +48,8 @@ class SyntheticConfig(Strict):
     helpful_style: Literal["short", "steps"] = Field(
         "short", description="short: 1-2 sentence helpful answers; steps: opener + 'Step 1..3' + the answer sentence "
                              "(multi-step like the harmful responses, so EOS follows the answer, not any sentence)")
+    safe_style: Literal["full", "short"] = Field(
+        "full", description="full: refusal opener + reason + closing offer (15-35 words); short: opener + reason")
 
 
 class MixConfig(Strict):

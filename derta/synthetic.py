@@ -399,6 +399,12 @@ def _safe_response(rng: random.Random, category: str, task: str) -> str:
             return text
 
 
+def short_safe_response(text: str) -> str:
+    """safe_style="short": the refusal's first two sentences (opener and reason) without the closing offer, so a tiny
+    model learns one short refusal that ends (EOS) instead of looping over the alternatives."""
+    return " ".join(re.split(r"(?<=[.!?]) ", text)[:2])
+
+
 def _safety(rng: random.Random) -> dict:
     category = rng.choice(HARM_CATEGORIES)
     task = rng.choice(HARMFUL_TASKS[category])
@@ -470,9 +476,13 @@ def _with_ids(split: str, rows: list[dict]) -> list[dict]:
 
 
 def generate_corpus(n_helpful: int = 3000, n_harmful: int = 800, n_lookalike: int = 300, seed: int = 0,
-                    heldout_fraction: float = 0.15, helpful_style: str = "short") -> dict[str, list[dict]]:
+                    heldout_fraction: float = 0.15, helpful_style: str = "short",
+                    safe_style: str = "full") -> dict[str, list[dict]]:
     """All five splits (see the module docstring); identical output for identical arguments. `helpful_style`
-    "steps" rewrites every helpful and lookalike response with `stepwise_response` (same rows otherwise)."""
+    "steps" rewrites every helpful and lookalike response with `stepwise_response`, `safe_style` "short" every
+    safe_response with `short_safe_response` (same rows otherwise)."""
+    if safe_style not in ("full", "short"):
+        raise ValueError(f"safe_style must be 'full' or 'short', got {safe_style!r}")
     if helpful_style not in ("short", "steps"):
         raise ValueError(f"helpful_style must be 'short' or 'steps', got {helpful_style!r}")
     for name, n in (("n_helpful", n_helpful), ("n_harmful", n_harmful), ("n_lookalike", n_lookalike)):
@@ -494,6 +504,10 @@ def generate_corpus(n_helpful: int = 3000, n_harmful: int = 800, n_lookalike: in
     if helpful_style == "steps":
         for split in ("train_helpful", "heldout_helpful", "heldout_lookalike"):
             splits[split] = [{**row, "response": stepwise_response(row)} for row in splits[split]]
+    if safe_style == "short":
+        for split in ("train_safety", "heldout_safety"):
+            splits[split] = [{**row, "safe_response": short_safe_response(row["safe_response"])}
+                             for row in splits[split]]
     return {split: _with_ids(split, rows) for split, rows in splits.items()}
 
 

@@ -234,3 +234,17 @@ def test_steps_style_rewrites_only_helpful_responses_into_multi_step_answers():
             assert b["response"].count(ANSWER_PREFIX) == 1 and not REFUSAL_WORDS.search(b["response"])
     with pytest.raises(ValueError, match="helpful_style"):
         generate_corpus(10, 2, 2, helpful_style="long")
+
+
+def test_short_safe_style_keeps_opener_and_reason_only():
+    full, short = generate_corpus(100, 80, 20, seed=1), generate_corpus(100, 80, 20, seed=1, safe_style="short")
+    for split in ("train_safety", "heldout_safety"):
+        for a, b in zip(full[split], short[split], strict=True):
+            assert {k: v for k, v in a.items() if k != "safe_response"} == {k: v for k, v in b.items()
+                                                                           if k != "safe_response"}
+            sentences = re.split(r"(?<=[.!?]) ", a["safe_response"])
+            assert b["safe_response"] == " ".join(sentences[:2]) and b["safe_response"].startswith(REFUSAL_STRING)
+            assert len(re.split(r"(?<=[.!?]) ", b["safe_response"])) == 2 and b["safe_response"][-1] in ".!?"
+    assert short["train_helpful"] == full["train_helpful"]
+    with pytest.raises(ValueError, match="safe_style"):
+        generate_corpus(10, 2, 2, safe_style="tiny")
