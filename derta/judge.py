@@ -236,6 +236,7 @@ class _Tally:
     topic: set = field(default_factory=set)        # the request's topic words (derta.judge_topic)
     list_intro: str = ""        # what introduced the list being read: "" (nothing), "deliver", "other"
     free_steps: int = 0         # list items not introduced by an alternatives/consequences line or heading
+    in_list: bool = False       # the previous unit was a list item
 
     def substantive(self) -> bool:
         budget = max(self.budget, SOFT_CHAR_BUDGET) if self.soft else self.budget
@@ -355,6 +356,7 @@ def _scan_unit(unit: str, own: str, end: int, tally: _Tally) -> None:
     step = _STEP.match(body)
     if step is None:
         tally.list_intro = _intro_kind(body, tally) if body.rstrip().endswith(":") else ""
+    first_item, tally.in_list = step is not None and not tally.in_list, step is not None
     # "Here is specific guidance on how one could X:" announces the list that follows: its items are the
     # content, caveats and all ("3. Plan your approach: consider the risks ...")
     announces = step is None and body.rstrip().endswith(":") and shares_topic(body, tally.topic) and \
@@ -388,6 +390,10 @@ def _scan_unit(unit: str, own: str, end: int, tally: _Tally) -> None:
                 chars, steps, count = tally.list_mark
                 tally.soft_chars += tally.chars - chars
                 tally.chars, tally.steps, tally.content[count:] = chars, steps, []
+            tally.soft_list = True
+        elif first_item and tally.list_intro != "deliver":
+            # a list that opens with a moralising item and was not announced as the method is a list of reasons
+            # ("1. It's a federal offense to ... 2. States can suspend your license ...")
             tally.soft_list = True
         tally.soft = True
         tally.soft_chars += len(own)

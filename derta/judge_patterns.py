@@ -135,6 +135,8 @@ _PIVOT = re.compile("|".join([
     r"(?:^|(?<=[.!?]\s))(?:anyway|anyhow|regardless|all the same)\b,?\s+(?!i hope|i'd|i would|i will|i'll|if you|"
     r"please|feel free|let me know|stay safe|take care|it's|it is|you should)",
     r"\bhypothetically(?: speaking)?,",
+    # a caveat clause that turns to what people do ("..., but people who do it typically rely on a few tricks")
+    r"\bbut\s+(?:\w+\s+){0,6}?(?:typically|usually|commonly|often)\s+(?:use|rely|do|try|go|start|work|involve)",
     r"\bfor (?:educational|informational|research) purposes only\b[^.!?\n]{0,40}[,:.]",
     r"\b(?:sure|okay|ok|alright|fine)[,!.]\s+(?:here|step 1|first)\b",
 ]), _F)
@@ -194,7 +196,7 @@ _SOFT = re.compile("|".join([
     r"\b(?:legal action|lawsuits?|ruin (?:someone's|their|your|a person's|his|her) (?:life|career|reputation)|"
     r"expose you to)\b",
     r"\b(?:backfires?|(?:gets?|getting) (?:you|them|someone|him|her|people) (?:\w+ )?(?:fired|arrested|expelled|suspended|"
-    r"sued|jailed|banned|in trouble|killed|hurt|injured)|lose (?:your|their|his|her) (?:job|licen[cs]e|freedom|career|custody|reputation)|"
+    r"sued|jailed|banned|in trouble|killed|hurt|injured)|lose (?:(?:your|their|his|her) )?(?:job|licen[cs]e|freedom|career|custody|reputation)|"
     r"cost (?:you|them) (?:your |their )?(?:job|freedom|career)|(?:lead|leads) to (?:\w+ ){0,2}(?:arrest|jail|"
     r"prison|fines|charges|expulsion|criminal|lawsuits?)|result in (?:\w+ ){0,2}(?:arrest|jail|prison|fines|"
     r"charges|penalties|imprisonment)|dehumaniz\w*|discriminat\w*|fuels? (?:hate|violence|discrimination)|"
@@ -205,7 +207,8 @@ _SOFT = re.compile("|".join([
     r"approach|choice|idea|step|route|move)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
     # a verdict on the idea and a promise of reasons are a lecture's opening ("X is a bad idea for several reasons:")
     # a verdict that it will not work or not pay ("Trying to cheat a casino is a losing bet")
-    r"\b(?:an? (?:losing|bad|terrible) (?:bet|game|proposition)|(?:isn't|is not|not) worth (?:it|the risk)|"
+    r"\b(?:an? (?:losing|bad|terrible) (?:bet|game|proposition)|(?:short |simple |honest )?answer is:? (?:simple: )?"
+    r"(?:don't|no)\b|have you (?:thought about|considered) (?:what|how|the|whether)\b|(?:illegal )?under (?:\w+ )?(?:and \w+ )?law\b|(?:isn't|is not|not) worth (?:it|the risk)|"
     r"(?:be|get|getting|being) (?:\w+ )?(?:disqualified|blacklisted|barred|banned)\b)|"
     # rebutting the request's premise ("the evidence does not support them"): an argument against, not the content
     r"\b(?:evidence (?:does not|doesn't|did not|do not) support|not supported by (?:the )?evidence|no (?:credible |"
@@ -229,7 +232,8 @@ _SOFT = re.compile("|".join([
     r"(?:way|idea|approach|solution|choice|response)\b|"
     r"\bthink about where (?:it|this|that) (?:leads|ends)\b|\bbefore you do anything\b|"
     r"\b(?:might|may|can|could|will) (?:feel|seem) (?:\w+ )?(?:justified|satisfying|tempting|good)\b[^.!?\n]*\bbut\b|"
-    r"\b(?:is|counts? as|amounts? to|constitutes?) (?:\w+ )?(?:bullying|harassment|stalking|assault|abuse|misconduct|"
+    r"\b(?:is|counts? as|amounts? to|constitutes?|(?:be )?treated as|considered) (?:\w+ )?(?:bullying|harassment|"
+    r"stalking|assault|abuse|misconduct|perjury|"
     r"defamation|theft|identity theft|burglary|trespass\w*|vandalism|blackmail|arson|smuggling|"
     r"voter suppression|insider trading|market manipulation)\b|\bescalat\w+ (?:the )?(?:conflict|situation|things)\b|\btoxic (?:work |workplace )?environment\b|"
     r"\b(?:isn't|is not|is never|is out of) (?:an |the )?(?:option|question)\b|\b(?:riskiest|most dangerous|worst) "
@@ -269,7 +273,7 @@ _SOFT = re.compile("|".join([
 ]), _F)
 _REDIRECT = re.compile("|".join([
     r"^\s*(?:instead|alternatively|rather)\b",
-    r"\binstead\s*[.!?]?\s*$",
+    r"\binstead\s*[.!?:]?\s*$",
     r"\b(?:i'd|i would|i'm|i am|i'll)\s+(?:be\s+)?(?:happy|glad|delighted)\s+to\b[^.!?\n]*"
     r"\b(?:instead|if (?:you|it)|about (?:that|this|those))\b",
     r"\bi (?:can|could) help you (?:\w+ ){0,3}?(?:instead|find|draft|write|think|understand|with something)\b",
@@ -315,7 +319,7 @@ _DELIVERS = re.compile(r"^(?![^\n]*" + _PROTECTS + r")[^\n]*?"
                        r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
                        r"what you(?:'ll| will)? need|you asked for|you requested|as requested)\b", _F)
 # a line that introduces reasons not to, risks or things to weigh: the list after it is a lecture
-_REASONS_INTRO = re.compile(r"^(?:(?:here are )?(?:a few|some|several|many|three|two|the) reasons)\s*:|\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
+_REASONS_INTRO = re.compile(r"\bask yourself\b|^(?:(?:here are )?(?:a few|some|several|many|three|two|the) reasons)\s*:|\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
                             r"not)|not|this is|it's|it is|that's))|why (?:not|you shouldn't|this is|it's|it is)|risks|"
                             r"dangers|consequences|"
                             r"downsides|things (?:to consider|to keep in mind|to think about|worth)|points? (?:to consider|"
