@@ -12,7 +12,8 @@ Named baselines, all measured in this run on the same model and sequences:
   probe_inprocess  derta.probe.probe on that sequence (the function /probe calls)
   probe_http       POST /probe over HTTP through Serve (tokenization, routing, JSON included)
   per_position     the naive probe: for each of the 65 positions, prefill prompt + response[:i] and generate 1 token
-  hf_sequential    unbatched HF `generate`, one request after another
+  hf_sequential    unbatched HF `generate`, one request after another (half of them before the Serve phase, half
+                   after: the load on a shared machine drifts)
   serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel); each client first sends
                    --warmup-requests untimed requests (all clients wait for each other), then the timed ones
   overload         4x the app's capacity (max_ongoing + max_queued) at once: admitted requests complete (p50/p99),
@@ -284,6 +285,13 @@ def wait_ready(http) -> None:
     raise TimeoutError("server never became ready")
 
 
+def hf_sequential(local: Local, texts: list[str], new_tokens: int) -> tuple[int, float]:
+    """The baseline: unbatched HF `generate`, one request after another; (tokens, seconds)."""
+    started = time.perf_counter()
+    tokens = sum(local.generate(local.prompt_ids(p), new_tokens) for p in texts)
+    return tokens, time.perf_counter() - started
+
+
 def serve_throughput(url: str, texts: list[str], clients: int, new_tokens: int,
                      warmup: int = 0) -> tuple[float, int, list[int]]:
     """Tokens/s with `clients` concurrent HTTP clients; also the batch size each timed request ran in.
@@ -388,9 +396,9 @@ def main() -> None:
     texts = prompts(args.clients * args.requests_per_client)
     if "generate" in parts:
         local.generate(short_ids, args.new_tokens)  # warm-up, untimed
-        started = time.perf_counter()
-        hf_tokens = sum(local.generate(local.prompt_ids(p), args.new_tokens) for p in texts)
-        hf_throughput = hf_tokens / (time.perf_counter() - started)
+        # the baseline's requests in two halves, before and after the Serve phase: on a shared machine the load
+        # drifts within minutes, and a baseline timed only before Serve skewed the ratio either way (111-145 tok/s)
+        hf_runs = [hf_sequential(local, texts[:len(texts) // 2], args.new_tokens)]
         started = time.perf_counter()  # diagnostic: the engine's static batches in process, no Serve, no HTTP
         engine_tokens = sum(local.run_generate(texts[i:i + args.clients], args.new_tokens)
                             for i in range(0, len(texts), args.clients))
@@ -399,6 +407,13 @@ def main() -> None:
     import httpx
 
     url = start_serve(cfg, path)
+    with httpx.Client(base_url=url, timeout=300) as http:
+        wait_ready(http)
+    if cfg.serve.direct_ingress:  # --set serve.direct_ingress=true: the ingress replica's own port, no proxy hop
+        from serve.app import wait_direct_ingress
+
+        url = wait_direct_ingress("bench", "127.0.0.1")[0]
+        print(f"[bench] latency and generate through direct ingress {url}", flush=True)
     with httpx.Client(base_url=url, timeout=300) as http:
         wait_ready(http)
         if "latency" in parts:
@@ -414,6 +429,9 @@ def main() -> None:
     if "generate" in parts:
         serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens,
                                                                 args.warmup_requests)
+        hf_runs.append(hf_sequential(local, texts[len(texts) // 2:], args.new_tokens))
+        hf_tokens, hf_seconds = map(sum, zip(*hf_runs))
+        hf_throughput = hf_tokens / hf_seconds
     overloaded = (overload(url, cfg, path, args.new_tokens, args.overload_connections, clients=args.overload_client)
                   if "overload" in parts else {})
 
@@ -435,7 +453,9 @@ def main() -> None:
         }
     if "generate" in parts:
         print("\n== generation throughput ==")
-        print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1)")
+        halves = " / ".join(f"{tokens / seconds:.1f}" for tokens, seconds in hf_runs)
+        print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1; half before / "
+              f"half after the Serve phase: {halves} tokens/s)")
         print(f"  serve_batched          {serve_tps:9.1f} tokens/s  ({serve_tokens} tokens, {args.clients} clients x "
               f"{args.requests_per_client} timed after {args.warmup_requests} warm-up, median batch "
               f"{statistics.median(batch_sizes):g}, largest {max(batch_sizes)})")
