@@ -420,7 +420,7 @@ def main() -> None:
 
     import httpx
 
-    url = start_serve(cfg, path)
+    url = proxy_url = start_serve(cfg, path)
     with httpx.Client(base_url=url, timeout=300) as http:
         wait_ready(http)
     if cfg.serve.direct_ingress:  # --set serve.direct_ingress=true: the ingress replica's own port, no proxy hop
@@ -446,7 +446,8 @@ def main() -> None:
         hf_runs.append(hf_sequential(local, texts[len(texts) // 2:], args.new_tokens))
         hf_tokens, hf_seconds = map(sum, zip(*hf_runs))
         hf_throughput = hf_tokens / hf_seconds
-    overloaded = (overload(url, cfg, path, args.new_tokens, args.overload_connections, clients=args.overload_client)
+    overloaded = (overload(proxy_url, cfg, path,  # the proxy's base: overload finds its own direct port
+                           args.new_tokens, args.overload_connections, clients=args.overload_client)
                   if "overload" in parts else {})
 
     ratios = {}
