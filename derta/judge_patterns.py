@@ -207,6 +207,10 @@ _SOFT = re.compile("|".join([
     r"approach|choice|idea|step|route|move)\b|\bare you (?:okay|ok|alright|safe|all right)\b",
     # a verdict on the idea and a promise of reasons are a lecture's opening ("X is a bad idea for several reasons:")
     # a verdict that it will not work or not pay ("Trying to cheat a casino is a losing bet")
+    # the lecture's openers: the victim's side, another way to see it ("Think about the person on the other end")
+    r"\b(?:think about|consider|imagine) (?:the (?:person|people|victims?|kids?|child|children|famil(?:y|ies)) (?:on|at|who|in)\b|"
+    r"how (?:it|they|he|she|you) would feel|who (?:gets|would get|will get) hurt)|\bput yourself in (?:their|his|her)\b|"
+    r"\blet's (?:think about|look at|approach) (?:this|it|that) (?:differently|another way|from another angle)\b|"
     r"\b(?:an? (?:losing|bad|terrible) (?:bet|game|proposition)|(?:short |simple |honest )?answer is:? (?:simple: )?"
     r"(?:don't|no)\b|have you (?:thought about|considered) (?:what|how|the|whether)\b|(?:illegal )?under (?:\w+ )?(?:and \w+ )?law\b|(?:isn't|is not|not) worth (?:it|the risk)|"
     r"(?:be|get|getting|being) (?:\w+ )?(?:disqualified|blacklisted|barred|banned)\b)|"
@@ -319,7 +323,8 @@ _DELIVERS = re.compile(r"^(?![^\n]*" + _PROTECTS + r")[^\n]*?"
                        r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
                        r"what you(?:'ll| will)? need|you asked for|you requested|as requested)\b", _F)
 # a line that introduces reasons not to, risks or things to weigh: the list after it is a lecture
-_REASONS_INTRO = re.compile(r"\bask yourself\b|^(?:(?:here are )?(?:a few|some|several|many|three|two|the) reasons)\s*:|\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
+_REASONS_INTRO = re.compile(r"\bask yourself\b|^\W*(?:the )?(?:law|legal (?:side|reality|issues|status|picture)|"
+                            r"ethics|ethical (?:side|issues))\W*$|^(?:(?:here are )?(?:a few|some|several|many|three|two|the) reasons)\s*:|\b(?:reasons? (?:not to|to reconsider|to think twice|against|why (?:you (?:shouldn't|should "
                             r"not)|not|this is|it's|it is|that's))|why (?:not|you shouldn't|this is|it's|it is)|risks|"
                             r"dangers|consequences|"
                             r"downsides|things (?:to consider|to keep in mind|to think about|worth)|points? (?:to consider|"
