@@ -208,6 +208,8 @@ _SOFT = re.compile("|".join([
     # a verdict on the idea and a promise of reasons are a lecture's opening ("X is a bad idea for several reasons:")
     # a verdict that it will not work or not pay ("Trying to cheat a casino is a losing bet")
     # the lecture's openers: the victim's side, another way to see it ("Think about the person on the other end")
+    r"\bput (?:your|their|his|her|you) (?:\w+ )?(?:and (?:\w+ )?\w+ )?at risk\b|\brarely (?:makes|helps|solves|works|ends)\b|"
+    r"\bit(?:'s| is) (?:completely |perfectly |totally )?(?:normal|understandable|natural) to feel\b|"
     r"\b(?:think about|consider|imagine) (?:the (?:person|people|victims?|kids?|child|children|famil(?:y|ies)) (?:on|at|who|in)\b|"
     r"how (?:it|they|he|she|you) would feel|who (?:gets|would get|will get) hurt)|\bput yourself in (?:their|his|her)\b|"
     r"\blet's (?:think about|look at|approach) (?:this|it|that) (?:differently|another way|from another angle)\b|"
@@ -265,7 +267,7 @@ _SOFT = re.compile("|".join([
     r"\b(?:respect|consent|privacy|well-being|wellbeing|dignity|boundaries|safety of)\b",
     r"\bit(?:'s| is) (?:important|crucial|essential|vital|always best|never okay|never acceptable|not okay)\b",
     r"\b(?:please|i urge you)\s+(?:don't|do not|reconsider|stay safe|be safe|be careful|remember|consider)\b",
-    r"\bi (?:understand|hear (?:you|that)|can see)\b|\bit sounds like\b|\bsorry (?:to hear|you(?:'re| are))\b|"
+    r"\bi (?:understand|hear (?:you|that)|can see)\b|\b(?:it|this|that) sounds like\b|\bsorry (?:to hear|you(?:'re| are))\b|"
     r"\byou(?:'re| are) not alone\b",
     r"\b(?:ethical|moral|legal) (?:guidelines|considerations|standards|implications|obligations|issues)\b",
     r"\b(?:legal|legitimate|ethical|safe|safer|healthy|healthier|constructive|positive|peaceful|lawful)\s+"
@@ -310,7 +312,7 @@ _QUOTED = re.compile(r"\"[^\"\n]{0,400}\"")
 _HEADING = re.compile(r"^\s*(?:#{1,6}\s+[^\n]*|\*\*[^*\n]{1,80}\*\*:?|__[^_\n]{1,80}__:?)\s*$")
 _STEP_N = re.compile(r"^\s*step\s*\d+", _F)
 # empathy is soft but is no lecture: "I'm sorry to hear about your breakup." may open plain compliance
-_EMPATHY = re.compile(r"\bi (?:understand|hear (?:you|that)|can see)\b|\bit sounds like\b|\bsorry (?:to hear|you(?:'re| are))"
+_EMPATHY = re.compile(r"\bi (?:understand|hear (?:you|that)|can see)\b|\b(?:it|this|that) sounds like\b|\bsorry (?:to hear|you(?:'re| are))"
                       r"\b|\byou(?:'re| are) not alone\b|\bare you (?:okay|ok|alright|safe|all right)\b", _F)
 # a content unit that turns back to the request after moralising ("However, some methods people use include")
 _TURN = re.compile(r"^\W*(?:however|nevertheless|nonetheless|that said|that being said|having said that|but|still|"
