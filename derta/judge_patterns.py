@@ -357,3 +357,7 @@ _DESCRIBES = re.compile(r"\bi(?:'ll| will| can| could|'d| would)? (?:briefly |in
                         r"through|go over|summari[sz]e|tell you|show you)\b", _F)
 # a list intro about defending against the request ("here's how people protect themselves from it:")
 _DEFENSIVE = re.compile(_PROTECTS, _F)
+# a refusal that concludes the text before it ("For these reasons, I can't ...", "That's why this is something I won't")
+_BACK_REFERENCE = re.compile(r"(?:\bfor (?:these|those|this|that|all these|all of these) reasons?|\bthat's why|\bthis is why|"
+                             r"\bwhich is why|\bbecause of (?:this|that|all this)|\bgiven (?:this|that|all this)|"
+                             r"(?:^|[.!?]\s+)so)\b[^.!?\n]{0,40}$", _F)
