@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 from typing import Callable
 
@@ -62,6 +63,7 @@ class DertaIngress:
         host = proxy_host()
         if host:
             check_exposure(host, self.api_key, self.cfg.serve.insecure)
+        warn_without_direct_ingress(self.cfg.serve.direct_ingress)
         self.metrics = HttpMetrics()
         self.admission = Admission(None)  # the guard's overload fast path, off until learn_capacity knows the limit
         self.capacity_task: asyncio.Future | None = None
@@ -175,6 +177,20 @@ class DertaIngress:
         except Exception:
             return False
         return all(states)
+
+
+def warn_without_direct_ingress(wanted: bool) -> bool:
+    """serve.direct_ingress is decided when Serve starts (RAY_SERVE_ENABLE_DIRECT_INGRESS in the cluster's
+    environment), not by the app: say so in the replica log when the config asks for it and the cluster lacks it
+    (e.g. `serve run` or a RayService without the variable). Returns whether it warned."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_DIRECT_INGRESS
+
+    if wanted and not RAY_SERVE_ENABLE_DIRECT_INGRESS:
+        logging.getLogger("ray.serve").warning(
+            "serve.direct_ingress=true, but this cluster's Serve runs without direct ingress: set "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with; serving through the proxy only")
+        return True
+    return False
 
 
 CAPACITY_REFRESH_S = 30

@@ -92,3 +92,36 @@ def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_direct_ingress_is_set_for_the_instance_derta_serve_starts_and_its_absence_is_said(monkeypatch):
+    import logging
+
+    from ray.serve._private import constants
+
+    from derta.config import load_config
+    from serve.app import DIRECT_INGRESS_ENV, set_serve_process_env
+    from serve.ingress import warn_without_direct_ingress
+
+    # a private copy of the environment: nothing set here may reach a Ray instance started later in this session
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in (DIRECT_INGRESS_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")})
+    set_serve_process_env(load_config("tiny"))
+    assert DIRECT_INGRESS_ENV not in os.environ  # off by default
+    set_serve_process_env(load_config("tiny", ["serve.direct_ingress=true"]))
+    assert os.environ[DIRECT_INGRESS_ENV] == "1"
+    assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30  # Ctrl-C needs no 30 s drain
+
+    monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False)
+    assert not warn_without_direct_ingress(False)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("ray.serve").addHandler(handler)  # Serve's logger does not propagate to pytest's
+    try:
+        assert warn_without_direct_ingress(True)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    assert any(DIRECT_INGRESS_ENV in message for message in warnings), warnings
+    monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", True)
+    assert not warn_without_direct_ingress(True)
