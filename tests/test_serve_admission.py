@@ -156,7 +156,7 @@ def test_deployment_capacity_reads_the_live_serve_config():
         assert deployment_capacity(live) == model_capacity(s)
 
 
-def test_an_admitted_request_outlasts_the_routers_burst_over_rejection():
+def test_an_admitted_request_outlasts_the_routers_burst_over_rejection(monkeypatch):
     """Serve's router rejects while earlier requests are still being assigned; a request the guard admitted retries
     (bounded), one without a known capacity or past the retry window gets the 503."""
     from types import SimpleNamespace
@@ -178,6 +178,9 @@ def test_an_admitted_request_outlasts_the_routers_burst_over_rejection():
             return "ok"
         return start, calls
 
+    import serve.ingress
+
+    monkeypatch.setattr(serve.ingress, "ROUTER_RETRY_S", 600)  # a window no CPU contention can exhaust
     start, calls = flaky(3)
     assert asyncio.run(admitted(SimpleNamespace(admission=Admission(8)), start)) == "ok" and len(calls) == 4
     start, calls = flaky(1)
@@ -186,6 +189,7 @@ def test_an_admitted_request_outlasts_the_routers_burst_over_rejection():
         raise AssertionError("no capacity known: the router's rejection must stand")
     except BackPressureError:
         assert len(calls) == 1
+    monkeypatch.setattr(serve.ingress, "ROUTER_RETRY_S", 0)
     start, calls = flaky(10**9)
     try:  # never accepted: the retries end (ROUTER_RETRY_S) and the 503 stands
         asyncio.run(admitted(SimpleNamespace(admission=Admission(8)), start))
