@@ -12,8 +12,8 @@ Named baselines, all measured in this run on the same model and sequences:
   probe_inprocess  derta.probe.probe on that sequence (the function /probe calls)
   probe_http       POST /probe over HTTP through Serve (tokenization, routing, JSON included)
   per_position     the naive probe: for each of the 65 positions, prefill prompt + response[:i] and generate 1 token
-  hf_sequential    unbatched HF `generate`, one request after another (half of them before the Serve phase, half
-                   after: the load on a shared machine drifts)
+  hf_sequential    unbatched HF `generate`, one request after another (before Ray starts: timed after Serve, in
+                   the same process, it ran 10-20% slower even after ray.shutdown(), which would flatter Serve)
   serve_batched    POST /generate from N concurrent clients (dynamic batching in DertaModel); each client first sends
                    --warmup-requests untimed requests (all clients wait for each other), then the timed ones
   overload         4x the app's capacity (max_ongoing + max_queued) at once: admitted requests complete (p50/p99),
@@ -410,9 +410,8 @@ def main() -> None:
     texts = prompts(args.clients * args.requests_per_client)
     if "generate" in parts:
         local.generate(short_ids, args.new_tokens)  # warm-up, untimed
-        # the baseline's requests in two halves, before and after the Serve phase: on a shared machine the load
-        # drifts within minutes, and a baseline timed only before Serve skewed the ratio either way (111-145 tok/s)
-        hf_runs = [hf_sequential(local, texts[:len(texts) // 2], args.new_tokens)]
+        hf_tokens, hf_seconds = hf_sequential(local, texts, args.new_tokens)
+        hf_throughput = hf_tokens / hf_seconds
         started = time.perf_counter()  # diagnostic: the engine's static batches in process, no Serve, no HTTP
         engine_tokens = sum(local.run_generate(texts[i:i + args.clients], args.new_tokens)
                             for i in range(0, len(texts), args.clients))
@@ -443,9 +442,6 @@ def main() -> None:
     if "generate" in parts:
         serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens,
                                                                 args.warmup_requests)
-        hf_runs.append(hf_sequential(local, texts[len(texts) // 2:], args.new_tokens))
-        hf_tokens, hf_seconds = map(sum, zip(*hf_runs))
-        hf_throughput = hf_tokens / hf_seconds
     overloaded = (overload(proxy_url, cfg, path,  # the proxy's base: overload finds its own direct port
                            args.new_tokens, args.overload_connections, clients=args.overload_client)
                   if "overload" in parts else {})
@@ -468,9 +464,7 @@ def main() -> None:
         }
     if "generate" in parts:
         print("\n== generation throughput ==")
-        halves = " / ".join(f"{tokens / seconds:.1f}" for tokens, seconds in hf_runs)
-        print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1; half before / "
-              f"half after the Serve phase: {halves} tokens/s)")
+        print(f"  hf_sequential          {hf_throughput:9.1f} tokens/s  ({hf_tokens} tokens, batch 1)")
         print(f"  serve_batched          {serve_tps:9.1f} tokens/s  ({serve_tokens} tokens, {args.clients} clients x "
               f"{args.requests_per_client} timed after {args.warmup_requests} warm-up, median batch "
               f"{statistics.median(batch_sizes):g}, largest {max(batch_sizes)})")
