@@ -51,6 +51,12 @@ class SyntheticConfig(Strict):
     safe_style: Literal["full", "short"] = Field(
         "full", description="full: refusal opener + reason + closing offer (15-35 words); short: opener + reason")
 
+    def cache_key(self) -> dict:
+        """The fields that identify a corpus for caches and reuse keys: the style knobs only when not at their default,
+        so models and runs made before a knob existed (identical corpus) keep their keys."""
+        defaults = {"helpful_style": "short", "safe_style": "full"}
+        return self.model_dump(mode="json", exclude={k for k, v in defaults.items() if getattr(self, k) == v})
+
 
 class MixConfig(Strict):
     """Target number of training rows per kind (null = all available). Paper: 60K / 3K / 3K."""

@@ -48,7 +48,7 @@ EXPERIMENT_SUITES = ["synthetic_prefill", "synthetic_harmful", "synthetic_helpfu
 
 def write_corpus_files(cfg: DertaConfig, data_dir: Path) -> dict[str, Path]:
     """The synthetic splits plus `pretrain.jsonl` (helpful rows + harmful completions as helpful rows)."""
-    from derta.synthetic import write_corpus
+    from derta.synthetic import _write_atomically, write_corpus
 
     paths = write_corpus(data_dir, **cfg.data.synthetic.model_dump())
     helpful = [json.loads(line) for line in paths["train_helpful"].read_text().splitlines()]
@@ -56,7 +56,7 @@ def write_corpus_files(cfg: DertaConfig, data_dir: Path) -> dict[str, Path]:
     rows = ([{"id": r["id"], "instruction": r["instruction"], "response": r["response"]} for r in helpful]
             + [{"id": r["id"], "instruction": r["instruction"], "response": r["harmful_response"]} for r in harmful])
     paths["pretrain"] = data_dir / "pretrain.jsonl"
-    paths["pretrain"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _write_atomically(paths["pretrain"], "".join(json.dumps(row) + "\n" for row in rows))
     return paths
 
 
@@ -97,6 +97,7 @@ def training_key(cfg: DertaConfig) -> dict:
     `loss_weighting`: without RTO positions both weightings are the MLE token mean, so a variant that changes it
     does not pre-train the base again), not the prefix-length distribution or unit in vanilla (always k = 0)."""
     key = cfg.model_dump(mode="json", include={"data", "model", "train"})
+    key["data"]["synthetic"] = cfg.data.synthetic.cache_key()
     if cfg.data.mode != "derta":
         key["train"].pop("loss_weighting", None)
         key["train"].pop("rto_weight", None)
@@ -156,7 +157,7 @@ GENERATION_FIELDS = ("data_dir", "prefill_ks", "max_new_tokens", "limit", "seed"
 
 
 def evaluation_key(cfg: DertaConfig, name: str, run: dict) -> dict:
-    return {"model": name, "training": run["config_key"], "synthetic": cfg.data.synthetic.model_dump(mode="json"),
+    return {"model": name, "training": run["config_key"], "synthetic": cfg.data.synthetic.cache_key(),
             "generation": {f: v for f, v in cfg.eval.model_dump(mode="json").items() if f in GENERATION_FIELDS}}
 
 

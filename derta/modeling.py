@@ -25,8 +25,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _tiny_key(model: ModelConfig, synthetic: SyntheticConfig) -> str:
     # a knob at its default stays out of the key: configs that do not use it keep their cached tiny model
-    defaults = {"helpful_style": "short", "safe_style": "full"}
-    synthetic_key = synthetic.model_dump(exclude={k for k, v in defaults.items() if getattr(synthetic, k) == v})
+    synthetic_key = synthetic.cache_key()
     tiny_key = model.tiny.model_dump(exclude=None if model.tiny.mid_refusal_token else {"mid_refusal_token"})
     payload = json.dumps([tiny_key, synthetic_key, TINY_CHAT_TEMPLATE, 2], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]

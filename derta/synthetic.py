@@ -39,6 +39,7 @@ Conventions
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import zlib
@@ -523,9 +524,16 @@ def write_corpus(out_dir: str | Path, heldout: str = "all", **generate_kwargs) -
             paths[split] = out_dir / f"{split}_{heldout}.jsonl"
         else:
             paths[split] = out_dir / f"{split}.jsonl"
-        with open(paths[split], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        _write_atomically(paths[split], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return paths
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file and rename it over `path`: a process reading the same corpus (seeds of one
+    experiment run in parallel rewrite identical files) never sees a half-written file."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def tokenizer_training_texts(corpus: dict[str, list[dict]]) -> Iterator[str]:
