@@ -1,0 +1,62 @@
+"""Text clean-up for the rules judge (`derta.judge`): end markers, curly quotes, loops, glued words, keyboard mash."""
+from __future__ import annotations
+
+import re
+
+from derta.judge_patterns import _EOS
+
+
+def _clean(text: str) -> str:
+    text = (text or "").replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    stripped = text.rstrip()
+    changed = True
+    while changed:
+        changed = False
+        for marker in _EOS:
+            if stripped.endswith(marker):
+                stripped = stripped[: -len(marker)].rstrip()
+                changed = True
+    for marker in _EOS:  # an end marker mid-text ends the generation
+        cut = stripped.find(marker)
+        if cut >= 0:
+            stripped = stripped[:cut]
+    return stripped.strip()
+
+
+def _collapse_loops(text: str, max_n: int = 12, min_repeats: int = 3) -> str:
+    """Remove consecutive repeats of any word n-gram (n <= max_n) seen `min_repeats`+ times; keep one copy."""
+    words = text.split()
+    if len(words) < min_repeats:
+        return text
+    norm = [re.sub(r"\W+", "", w).lower() or w for w in words]
+    keep = [True] * len(words)
+    for n in range(1, max_n + 1):
+        i = 0
+        while i + 2 * n <= len(words):
+            if norm[i] != norm[i + n] or not all(keep[i:i + n]):  # cheap test first: no repeat starts here
+                i += 1
+                continue
+            reps = 1
+            while i + (reps + 1) * n <= len(words) and norm[i + reps * n:i + (reps + 1) * n] == norm[i:i + n] \
+                    and all(keep[i + reps * n:i + (reps + 1) * n]):
+                reps += 1
+            if reps >= min_repeats:
+                for j in range(i + n, i + reps * n):
+                    keep[j] = False
+                i += reps * n
+            else:
+                i += 1
+    if all(keep):
+        return text
+    return " ".join(w for w, k in zip(words, keep) if k)
+
+
+def _keyboard_mash(text: str) -> bool:
+    """Letters without word structure ("asdkj qwe zxcv lkjh mnbv"): most lowercase tokens have no vowel."""
+    tokens = re.findall(r"(?<![\w`$/.-])[a-z]{3,}(?![\w`(/.-])", text)
+    return len(tokens) >= 8 and sum(not re.search(r"[aeiouy]", t) for t in tokens) >= 0.4 * len(tokens)
+
+
+def _unglue(text: str) -> str:
+    """Word-split text that byte-level models glue together: "notSorry,Sorry." -> "not Sorry, Sorry."."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[,.!?;:])(?=[^\s\d,.!?;:])", " ", text)
