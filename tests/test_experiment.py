@@ -58,9 +58,9 @@ def test_training_happened_with_identical_fine_tune_steps(experiment):
 
 
 def test_report_and_items_are_written(experiment):
-    _, output, _ = experiment
+    cfg, output, _ = experiment
     report = (output / "report.md").read_text()
-    assert report.startswith("# DeRTa toy experiment") and "| 4 | derta | 3 | 0.0005 |" in report
+    assert report.startswith("# DeRTa toy experiment") and f"| 4 | derta | 3 | {cfg.experiment.finetune_lr:.2g} |" in report
     for name in ("asr_by_prefix.png", "refusal_curve.png", "curves.json", "intervals.json"):
         assert (output / name).exists()
     assert set(json.loads((output / "curves.json").read_text())) == {"base", *ARMS}

@@ -79,7 +79,7 @@ def test_training_reuse_key_ignores_only_what_an_arm_does_not_use():
                                                                                    "prefix_unit": "word",
                                                                                    "rto_after_end": False,
                                                                                    "mid_refusal_space": True}))
-    assert training_key(derta) != training_key(with_updates(derta, data={"rto_after_end": False}))
+    assert training_key(derta) != training_key(with_updates(derta, data={"rto_after_end": not cfg.data.rto_after_end}))
     # corpus knobs at their default stay out of the key (runs made before a knob existed are reused); set, they count
     assert "safe_style" not in training_key(vanilla)["data"]["synthetic"]
     steps = with_updates(vanilla, data={"synthetic": cfg.data.synthetic.model_copy(update={"helpful_style": "steps"})})
