@@ -73,6 +73,11 @@ DEFAULT_REFUSALS = [
 ]
 
 
+def mid_refusal_word(refusal_string: str) -> str:
+    """' ' + the first word of the refusal string: the one token a mid-response refusal starts with."""
+    return " " + refusal_string.split()[0]
+
+
 class DataConfig(Strict):
     sources: list[SourceConfig] = Field(default_factory=list)  # empty: the bundled synthetic corpus
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

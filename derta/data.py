@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig
+from derta.config import ConfigError, DataConfig, DertaConfig, SourceConfig, mid_refusal_word
 from derta.data_read import EXAMPLE_TYPES, _arrow, _map_args, _present, _scalar, file_parts, read_records
 from derta.data_stats import count_source_rows, histogram_percentiles, select_training_block, summarize_task
 from derta.schema import RECORD_COLUMNS
@@ -80,7 +80,7 @@ def _write_corpus_in_child(workdir: Path, synthetic: dict) -> dict[str, Path]:
 def mid_refusal_token_id(tokenizer, data: DataConfig) -> int:
     """The token of " " + the refusal word (data.mid_refusal_space): a refusal that starts mid-response. It must be
     that whole word with its leading space, or the transition it trains would be glued or split."""
-    word = " " + data.refusal_string.split()[0]
+    word = mid_refusal_word(data.refusal_string)
     ids = tokenizer.encode(word, add_special_tokens=False)
     if not ids or tokenizer.decode(ids[:1]) != word:
         first = tokenizer.decode(ids[:1]) if ids else ""

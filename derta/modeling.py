@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from derta.config import ConfigError, ModelConfig, SyntheticConfig
+from derta.config import ConfigError, ModelConfig, SyntheticConfig, mid_refusal_word
 
 SPECIAL_TOKENS = {"pad": "<|pad|>", "eos": "<|eos|>", "bos": "<|bos|>", "unk": "<|unk|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -56,7 +56,7 @@ def train_tiny_tokenizer(texts, vocab_size: int, refusal_string: str = "Sorry", 
     if len(tokenizer.encode(refusal_string, add_special_tokens=False)) != 1:
         tokenizer.add_tokens([refusal_string])  # the refusal string must be one token in the tiny preset
     if mid_refusal_token:  # " Sorry": a refusal that starts mid-response (data.mid_refusal_space)
-        word = " " + refusal_string.split()[0]
+        word = mid_refusal_word(refusal_string)
         if len(tokenizer.encode(word, add_special_tokens=False)) != 1:
             tokenizer.add_tokens([word])
     return tokenizer
