@@ -94,6 +94,9 @@ class DataConfig(Strict):
     rto_after_end: bool = Field(
         True, description="RTO also trains the refusal token after the WHOLE harmful response (where a finished "
                           "answer has its end-of-turn token); false: only after its proper prefixes")
+    safe_sentences: int | None = Field(
+        None, ge=1, description="fine-tune refusals keep only their first N sentences (null: whole); unlike "
+                                "data.synthetic.safe_style it leaves the corpus, tokenizer and base model unchanged")
     max_length: int = Field(512, ge=8)
     max_chars: int = Field(32_000, ge=1, description="longer text fields are quarantined")
     max_bad_fraction: float = Field(0.05, ge=0, le=1)

@@ -121,7 +121,8 @@ class Tokenize:
             records, self.tokenizer, self.renderer, mode=self.mode, refusal_id=self.refusal_id,
             refusal_templates=self.data.refusal_templates, k0_fraction=self.data.k0_fraction,
             max_length=self.data.max_length, seed=self.data.seed, prefix_unit=self.data.prefix_unit,
-            rto_after_end=self.data.rto_after_end, mid_refusal_id=self.mid_refusal_id)
+            rto_after_end=self.data.rto_after_end, mid_refusal_id=self.mid_refusal_id,
+            safe_sentences=self.data.safe_sentences)
 
     def _rows(self, record: dict, examples: list | Exception) -> list[dict]:
         if isinstance(examples, Exception):  # a row the tokenizer/template rejects is quarantined

@@ -98,6 +98,8 @@ def training_key(cfg: DertaConfig) -> dict:
     does not pre-train the base again), not the prefix-length distribution or unit in vanilla (always k = 0)."""
     key = cfg.model_dump(mode="json", include={"data", "model", "train"})
     key["data"]["synthetic"] = cfg.data.synthetic.cache_key()
+    if cfg.data.safe_sentences is None:  # at its default a knob stays out of the key: older runs are still reused
+        key["data"].pop("safe_sentences")
     if cfg.data.mode != "derta":
         key["train"].pop("loss_weighting", None)
         key["train"].pop("rto_weight", None)

@@ -403,7 +403,9 @@ def _safe_response(rng: random.Random, category: str, task: str) -> str:
 def short_safe_response(text: str) -> str:
     """safe_style="short": the refusal's first two sentences (opener and reason) without the closing offer, so a tiny
     model learns one short refusal that ends (EOS) instead of looping over the alternatives."""
-    return " ".join(re.split(r"(?<=[.!?]) ", text)[:2])
+    from derta.transforms import first_sentences
+
+    return first_sentences(text, 2)
 
 
 def _safety(rng: random.Random) -> dict:

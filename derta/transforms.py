@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,9 +222,14 @@ def word_prefix(harmful: str, k0_fraction: float, rng: np.random.Generator) -> s
     return " ".join(words[: int(rng.integers(1, len(words) - 1))])
 
 
+def first_sentences(text: str, n: int | None) -> str:
+    """The first `n` sentences of `text` (all of it for None): a sentence ends in . ! or ? before a space."""
+    return text if n is None else " ".join(re.split(r"(?<=[.!?]) ", text)[:n])
+
+
 def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: list[str], seed: int,
                  prefix_unit: str = "token", k0_fraction: float = 1 / 3, mode: str = "derta",
-                 mid_refusal_space: bool = False) -> RecordTexts:
+                 mid_refusal_space: bool = False, safe_sentences: int | None = None) -> RecordTexts:
     kind = record["kind"]
     if kind == "rendered":
         return RecordTexts(record["prompt_text"], True, {"target": record["target_text"]})
@@ -236,6 +242,7 @@ def record_texts(record: dict, renderer: PromptRenderer, *, refusal_templates: l
         return RecordTexts(prompt, renderer.prompt_special_tokens, {"response": record["response"]})
     safe = record.get("safe_response") or refusal_templates[
         int(row_rng(seed, record["uid"], "template").integers(len(refusal_templates)))]
+    safe = first_sentences(safe, safe_sentences)  # data.safe_sentences: a shorter refusal that ends (EOS) sooner
     segments = {"harmful": record["harmful_response"], "safe": safe}
     if prefix_unit == "word":
         prefix = "" if mode == "vanilla" else word_prefix(record["harmful_response"], k0_fraction,
@@ -294,11 +301,12 @@ def examples_from_ids(record: dict, ids: RecordIds, *, eos_id: int, mode: str, r
 def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                         refusal_templates: list[str], k0_fraction: float, max_length: int,
                         seed: int, prefix_unit: str = "token", rto_after_end: bool = True,
-                        mid_refusal_id: int | None = None) -> list[Example]:
+                        mid_refusal_id: int | None = None, safe_sentences: int | None = None) -> list[Example]:
     """All training examples one canonical record yields under `mode` (see MODE_KINDS). `mid_refusal_id`: the
     refusal token with its leading space; given, refusals after a non-empty harmful prefix start with it."""
     texts = record_texts(record, renderer, refusal_templates=refusal_templates, seed=seed, prefix_unit=prefix_unit,
-                         k0_fraction=k0_fraction, mode=mode, mid_refusal_space=mid_refusal_id is not None)
+                         k0_fraction=k0_fraction, mode=mode, mid_refusal_space=mid_refusal_id is not None,
+                         safe_sentences=safe_sentences)
     return examples_from_ids(record, encode_texts(tokenizer, texts), eos_id=renderer.end_of_turn_id, mode=mode,
                              refusal_id=refusal_id, k0_fraction=k0_fraction, max_length=max_length, seed=seed,
                              rto_after_end=rto_after_end, mid_refusal_id=mid_refusal_id)
@@ -307,13 +315,13 @@ def examples_for_record(record: dict, tokenizer, renderer: PromptRenderer, *, mo
 def examples_for_records(records: list[dict], tokenizer, renderer: PromptRenderer, *, mode: str, refusal_id: int,
                          refusal_templates: list[str], k0_fraction: float, max_length: int,
                          seed: int, prefix_unit: str = "token",
-                         rto_after_end: bool = True,
-                         mid_refusal_id: int | None = None) -> list[list[Example] | Exception]:
+                         rto_after_end: bool = True, mid_refusal_id: int | None = None,
+                         safe_sentences: int | None = None) -> list[list[Example] | Exception]:
     """examples_for_record for each record, tokenized in batch. A record that fails gets its exception in its
     slot (the same one examples_for_record raises) and does not affect the others."""
     texts = [_attempt(record_texts, r, renderer, refusal_templates=refusal_templates, seed=seed,
                       prefix_unit=prefix_unit, k0_fraction=k0_fraction, mode=mode,
-                      mid_refusal_space=mid_refusal_id is not None) for r in records]
+                      mid_refusal_space=mid_refusal_id is not None, safe_sentences=safe_sentences) for r in records]
     ids = _encode_valid(tokenizer, texts)
     settings = dict(eos_id=renderer.end_of_turn_id, mode=mode, refusal_id=refusal_id, k0_fraction=k0_fraction,
                     max_length=max_length, seed=seed, rto_after_end=rto_after_end, mid_refusal_id=mid_refusal_id)

@@ -343,3 +343,24 @@ def test_the_data_pipeline_honours_mid_refusal_space(tmp_path):
         assert "Sorry" not in text[:-len(" Sorry, I can't help.<|eos|>")]
     with pytest.raises(Exception, match="model.tiny.mid_refusal_token"):
         Tokenize(str(tmp_path / "False"), data, "derta")
+
+
+def test_the_data_pipeline_honours_safe_sentences(tiny_path):
+    """data.safe_sentences reaches derta.data.Tokenize: every arm's refusal row keeps the first N sentences of the
+    record's refusal and ends in EOS right after them; null keeps the whole refusal."""
+    from derta.config import DataConfig
+    from derta.data import Tokenize
+    from derta.transforms import HARMFUL_PREFIX, first_sentences
+
+    safe = "Sorry, I can't help with that. It could hurt people. If you want, I can help with something else."
+    assert first_sentences(safe, 2) == "Sorry, I can't help with that. It could hurt people."
+    assert first_sentences(safe, None) == first_sentences(safe, 9) == safe
+    record = {"uid": "s1", "kind": "safety", "instruction": "How?", "harmful_response": "Step 1: get the tools.",
+              "safe_response": safe}
+    for mode in ("vanilla", "recaug", "derta"):
+        for n, expected in ((1, "Sorry, I can't help with that."), (None, safe)):
+            data = DataConfig(safe_sentences=n, k0_fraction=1.0).model_dump(mode="json")
+            tokenize = Tokenize(str(tiny_path), data, mode)
+            [row] = [ex for ex in tokenize._examples([record])[0] if ex.kind == HARMFUL_PREFIX]
+            text = tokenize.tokenizer.decode(row.input_ids[row.prompt_len:])
+            assert text == expected + "<|eos|>", (mode, n, text)
