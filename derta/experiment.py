@@ -75,10 +75,13 @@ def seeded(cfg: DertaConfig, seed: int) -> DertaConfig:
 
 
 def base_config(cfg: DertaConfig, paths: dict[str, Path]) -> DertaConfig:
-    """Plain MLE on pretrain.jsonl (every row helpful), `experiment.base_epochs` passes at `experiment.base_lr`."""
+    """Plain MLE on pretrain.jsonl (every row helpful), `experiment.base_epochs` passes at `experiment.base_lr`.
+    The knobs of safety rows (their mix targets, data.safe_sentences) are reset: they do not touch the base, so a
+    variant that changes only them fine-tunes the same base."""
     exp = cfg.experiment
+    mix = cfg.data.mix.model_copy(update={"harmful_prefix": None, "rto": None})
     return with_updates(cfg, data={"sources": [SourceConfig(path=str(paths["pretrain"]), kind="helpful")],
-                                   "mode": "vanilla"},
+                                   "mode": "vanilla", "mix": mix, "safe_sentences": None},
                         train={"max_steps": None, "run_name": "base", "epochs": exp.base_epochs or cfg.train.epochs,
                                "lr": exp.base_lr or cfg.train.lr})
 

@@ -149,3 +149,17 @@ def test_reused_completions_are_judged_again(tmp_path):
     stored = [json.loads(line) for line in (items / "synthetic_prefill.jsonl").read_text().splitlines()]
     assert [r["outcome"] for r in stored] == ["degenerate", "refusal"] and stored[0]["reason"] != "stale"
     assert json.loads((tmp_path / "summary.json").read_text())["m"] == metrics
+
+
+def test_fine_tune_only_knobs_leave_the_base_alone(tmp_path):
+    """Safety-row knobs (mix targets of refusal rows, data.safe_sentences) do not touch the helpful-only base
+    pre-training: a variant that changes only them reuses the base (same training key)."""
+    from derta.config import MixConfig, load_config
+    from derta.experiment import base_config, training_key, with_updates
+
+    cfg = load_config("experiment")
+    paths = {"pretrain": tmp_path / "pretrain.jsonl"}
+    variant = with_updates(cfg, data={"safe_sentences": 2, "mix": MixConfig(harmful_prefix=300, rto=300)})
+    assert training_key(base_config(variant, paths)) == training_key(base_config(cfg, paths))
+    fewer_helpful = with_updates(cfg, data={"mix": MixConfig(helpful=100)})
+    assert training_key(base_config(fewer_helpful, paths)) != training_key(base_config(cfg, paths))
