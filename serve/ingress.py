@@ -188,7 +188,8 @@ def warn_without_direct_ingress(wanted: bool) -> bool:
     if wanted and not RAY_SERVE_ENABLE_DIRECT_INGRESS:
         logging.getLogger("ray.serve").warning(
             "serve.direct_ingress=true, but this cluster's Serve runs without direct ingress: set "
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with; serving through the proxy only")
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1 in the environment Ray starts with; "
+            "serving through Serve's proxy only")
         return True
     return False
 

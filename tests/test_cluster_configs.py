@@ -459,3 +459,29 @@ def test_referenced_config_exists(rel):
     from derta.config import load_config
 
     load_config(path)  # the preset the cluster files point at must also validate
+
+
+# serve.direct_ingress (derta's default): Serve reads these when `ray start` runs, so every node needs them
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+@pytest.mark.parametrize("path", list(MANIFESTS), ids=lambda p: p.name)
+def test_every_ray_node_starts_with_direct_ingress_behind_haproxy(path):
+    for group, _, _, pod in _pod_specs(_cluster_spec(path)):
+        env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+        missing = {k: v for k, v in DIRECT_INGRESS_ENV.items() if env.get(k) != v}
+        assert not missing, f"{_rel(path)}:{group}: the ray container's env lacks {missing}"
+
+
+def test_launcher_nodes_start_with_direct_ingress_behind_haproxy(ray_config):
+    options = " ".join(ray_config["docker"]["run_options"])
+    for key, value in DIRECT_INGRESS_ENV.items():
+        assert f"-e {key}={value}" in options, f"ray_config.yaml docker.run_options: -e {key}={value} missing"
+
+
+def test_the_serve_service_port_is_the_one_haproxy_listens_on():
+    """HAProxy takes Serve's HTTP port (http_options.port): the head's `serve` containerPort must be that port."""
+    doc = _load(RAYSERVICE)
+    port = yaml.safe_load(doc["spec"]["serveConfigV2"])["http_options"]["port"]
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": port, "name": "serve"} in head["ports"]

@@ -1,5 +1,6 @@
-"""`derta serve` with `serve.direct_ingress=true`: the ingress replica serves HTTP on its own port (no proxy hop),
-the proxy's port keeps working, and overload still ends in 503 + Retry-After, never another 5xx.
+"""`derta serve` with `serve.direct_ingress` (the default): the ingress replica serves HTTP on its own port, HAProxy
+on `--port` forwards to it (no Python proxy hop), and overload on either ends in 503 + Retry-After, never another
+5xx.
 
 Its own Ray instance (direct ingress is read when Serve's controller and replicas start), so a subprocess.
 Deterministic: admitted requests are held by a long batch wait, never by timing; only invariants are asserted."""
@@ -38,7 +39,7 @@ def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry
     env = dict(os.environ, DERTA_RAY_REUSE="0", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
-    sets = [f"model.tiny_dir={tiny_config.model.tiny_dir}", "serve.direct_ingress=true",
+    sets = [f"model.tiny_dir={tiny_config.model.tiny_dir}",  # serve.direct_ingress: on by default
             "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", "serve.max_batch_size=64",
             f"serve.batch_wait_timeout_s={HOLD_S}", "serve.batch_fill_fraction=0"]
     command = [sys.executable, "-m", "derta.cli", "serve", "--model", tiny_path, "--port", str(port)]
@@ -69,22 +70,23 @@ def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/health").status_code == 200  # the proxy still routes to the same app
 
-        def one(i: int):
-            with httpx.Client(base_url=direct, timeout=600) as http:
-                return http.post("/generate", json={"prompt": f"question {i}", "max_new_tokens": 2})
+        for base in (f"http://127.0.0.1:{port}", direct):  # --port (HAProxy in front), then the replica's own
+            def one(i: int, base=base):
+                with httpx.Client(base_url=base, timeout=600) as http:
+                    return http.post("/generate", json={"prompt": f"question {i}", "max_new_tokens": 2})
 
-        with ThreadPoolExecutor(4 * CAPACITY) as pool:
-            responses = list(pool.map(one, range(4 * CAPACITY)))
-        statuses = [r.status_code for r in responses]
-        assert set(statuses) <= {200, 503}, statuses  # no other 5xx
-        assert 1 <= statuses.count(200) <= CAPACITY, statuses
-        for rejected in (r for r in responses if r.status_code == 503):
-            assert rejected.headers.get("retry-after"), rejected.headers
-            assert set(rejected.json()["error"]) == {"message", "type", "param", "code"}
-        with httpx.Client(base_url=direct, timeout=600) as http:  # healthy afterwards
-            assert http.get("/health").status_code == 200
-            info = http.get("/info").json()
-            assert info["admission_capacity"] in (None, CAPACITY)
+            with ThreadPoolExecutor(4 * CAPACITY) as pool:
+                responses = list(pool.map(one, range(4 * CAPACITY)))
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 503}, (base, statuses)  # no other 5xx
+            assert 1 <= statuses.count(200) <= CAPACITY, (base, statuses)
+            for rejected in (r for r in responses if r.status_code == 503):
+                assert rejected.headers.get("retry-after"), rejected.headers
+                assert set(rejected.json()["error"]) == {"message", "type", "param", "code"}
+            with httpx.Client(base_url=base, timeout=600) as http:  # healthy afterwards
+                assert http.get("/health").status_code == 200
+                info = http.get("/info").json()
+                assert info["admission_capacity"] in (None, CAPACITY)
     finally:
         proc.terminate()
         try:
@@ -100,17 +102,27 @@ def test_direct_ingress_is_set_for_the_instance_derta_serve_starts_and_its_absen
     from ray.serve._private import constants
 
     from derta.config import load_config
-    from serve.app import DIRECT_INGRESS_ENV, set_serve_process_env
+    from serve.app import CHOSEN_PORTS_ENV, DIRECT_INGRESS_ENV, HA_PROXY_ENV, HAPROXY_PORT_ENVS, set_serve_process_env
     from serve.ingress import warn_without_direct_ingress
 
     # a private copy of the environment: nothing set here may reach a Ray instance started later in this session
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if k not in (DIRECT_INGRESS_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")})
-    set_serve_process_env(load_config("tiny"))
-    assert DIRECT_INGRESS_ENV not in os.environ  # off by default
-    set_serve_process_env(load_config("tiny", ["serve.direct_ingress=true"]))
-    assert os.environ[DIRECT_INGRESS_ENV] == "1"
+    ours = (DIRECT_INGRESS_ENV, HA_PROXY_ENV, CHOSEN_PORTS_ENV, *HAPROXY_PORT_ENVS,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ours})
+    set_serve_process_env(load_config("tiny", ["serve.direct_ingress=false"]))  # the off switch
+    assert DIRECT_INGRESS_ENV not in os.environ and HA_PROXY_ENV not in os.environ
+    set_serve_process_env(load_config("tiny"))  # on by default: HAProxy on --port in front of the ingress replicas
+    assert os.environ[DIRECT_INGRESS_ENV] == "1" and os.environ[HA_PROXY_ENV] == "1"
     assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30  # Ctrl-C needs no 30 s drain
+    first = [int(os.environ[key]) for key in HAPROXY_PORT_ENVS]
+    assert len(set(first)) == 2 and not {8404, 9101} & set(first)  # not HAProxy's fixed defaults
+    set_serve_process_env(load_config("tiny"))  # the next instance (or a child `derta serve`) gets its own ports
+    second = [int(os.environ[key]) for key in HAPROXY_PORT_ENVS]
+    assert all(port > 0 for port in second) and sorted(os.environ[CHOSEN_PORTS_ENV].split(",")) == sorted(
+        HAPROXY_PORT_ENVS)
+    os.environ[CHOSEN_PORTS_ENV], os.environ[HAPROXY_PORT_ENVS[0]] = "", "18404"  # set by the user: kept
+    set_serve_process_env(load_config("tiny"))
+    assert os.environ[HAPROXY_PORT_ENVS[0]] == "18404"
 
     monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False)
     assert not warn_without_direct_ingress(False)
