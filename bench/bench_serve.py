@@ -3,6 +3,7 @@
     python bench/bench_serve.py [--clients 16] [--requests-per-client 8] [--warmup-requests 1] [--new-tokens 32]
                                 [--size probe|tiny] [--only all|latency|generate|overload[,...]] [--set KEY=VALUE]
     python bench/bench_serve.py --only overload [--overload-connections fresh|keepalive|both] [--overload-hold S]
+                                [--overload-rounds N]
                                 [--overload-client asyncio|threads|both]
 
 The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
@@ -147,7 +148,7 @@ def start_serve(cfg, path: str, app: bool = True) -> str:
 
 
 def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = "both", hold_s: float = 0,
-             clients: str = "both") -> dict:
+             clients: str = "both", rounds: int = 1) -> dict:
     """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8).
 
     `connections`: "fresh" = every client opens a new connection with its request (client-side connect cost is
@@ -157,7 +158,9 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     httpx thread per request, in the bench process next to Ray's driver), "both" = each in turn. All requests are
     built first and sent at once; latency runs from a request's send to its response. `hold_s` > 0 (diagnostic)
     is the app's batch wait: admitted requests then sit idle that long before any compute, so the 503 latency is
-    Serve's and derta's request handling alone, without the forward passes competing for the CPU."""
+    Serve's and derta's request handling alone, without the forward passes competing for the CPU. `rounds` > 1
+    repeats the whole sequence (rows of round k > 1 are named `MODE-rk`): the first burst on a path meets it cold
+    (e.g. HAProxy has no pooled connections to the ingress replica yet), later ones warm."""
     import httpx
     from ray import serve
 
@@ -176,14 +179,16 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
         from serve.app import wait_direct_ingress
 
         url = paths["direct"] = out["direct_ingress_url"] = wait_direct_ingress("overload", "127.0.0.1")[0]
-    for path_name, target in paths.items():
-        for client in (["asyncio", "threads"] if clients == "both" else [clients]):
-            for mode in (["fresh", "keepalive"] if connections == "both" else [connections]):
-                run = burst_asyncio if client == "asyncio" else burst_threads
-                results = run(target, 4 * capacity, new_tokens, mode, f"{path_name}-{client}-{mode}")
-                time.sleep(2)  # the admitted requests of one burst are done before the next starts; logs flushed
-                out |= {f"{path_name}.{client}.{mode}.{key}": value
-                        for key, value in (summarise(results) | where_503s_went(results)).items()}
+    for round_ in range(1, rounds + 1):
+        for path_name, target in paths.items():
+            for client in (["asyncio", "threads"] if clients == "both" else [clients]):
+                for mode in (["fresh", "keepalive"] if connections == "both" else [connections]):
+                    run = burst_asyncio if client == "asyncio" else burst_threads
+                    label = mode if round_ == 1 else f"{mode}-r{round_}"
+                    results = run(target, 4 * capacity, new_tokens, mode, f"{path_name}-{client}-{label}")
+                    time.sleep(2)  # the admitted requests of one burst are done before the next starts; logs flushed
+                    out |= {f"{path_name}.{client}.{label}.{key}": value
+                            for key, value in (summarise(results) | where_503s_went(results)).items()}
     with httpx.Client(base_url=url, timeout=60) as http:
         out["healthy_after"] = http.get("/health").status_code == 200 and http.post(
             "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
@@ -335,7 +340,7 @@ def print_overload(overloaded: dict) -> None:
         print(f"  {name:32s} {value}")
     runs = [name.removesuffix(".rejected_p50_ms") for name in overloaded if name.endswith(".rejected_p50_ms")]
     if runs:  # the load generator's view (an out-of-process asyncio client) on the path users hit, `--port`
-        heads = [r for r in ("port.asyncio.keepalive", "port.asyncio.fresh") if r in runs] or runs[:1]
+        heads = [r for r in runs if r.startswith("port.asyncio.")] or runs[:1]
         for best in heads:
             p50, worst = overloaded[f"{best}.rejected_p50_ms"], overloaded[f"{best}.rejected_max_ms"]
             met = (p50 is not None and worst <= 50 and not any(overloaded[f"{r}.other"] for r in runs)
@@ -369,6 +374,8 @@ def main() -> None:
                              "in-process httpx threads, or both in turn")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="derta config override for the served app, e.g. serve.batch_fill_fraction=0")
+    parser.add_argument("--overload-rounds", type=int, default=1, metavar="N",
+                        help="repeat the overload bursts N times (round 1 cold, later rounds warm)")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
                         help="diagnostic: admitted overload requests wait S s idle before any compute (isolates the "
                              "503 path's own cost from CPU contention with the forward passes)")
@@ -385,7 +392,7 @@ def main() -> None:
     if parts == {"overload"}:
         print(f"[bench] load average at start {os.getloadavg()}", flush=True)
         overloaded = overload(start_serve(cfg, path, app=False), cfg, path, args.new_tokens, args.overload_connections,
-                              args.overload_hold, args.overload_client)
+                              args.overload_hold, args.overload_client, args.overload_rounds)
         print_overload(overloaded)
         print(f"[bench] load average at end {os.getloadavg()}", flush=True)
         from ray import serve
@@ -446,7 +453,8 @@ def main() -> None:
         serve_tps, serve_tokens, batch_sizes = serve_throughput(url, texts, args.clients, args.new_tokens,
                                                                 args.warmup_requests)
     overloaded = (overload(proxy_url, cfg, path,  # the proxy's base: overload finds its own direct port
-                           args.new_tokens, args.overload_connections, clients=args.overload_client)
+                           args.new_tokens, args.overload_connections, clients=args.overload_client,
+                           rounds=args.overload_rounds)
                   if "overload" in parts else {})
 
     ratios = {}
