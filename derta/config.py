@@ -50,11 +50,15 @@ class SyntheticConfig(Strict):
                              "(multi-step like the harmful responses, so EOS follows the answer, not any sentence)")
     safe_style: Literal["full", "short"] = Field(
         "full", description="full: refusal opener + reason + closing offer (15-35 words); short: opener + reason")
+    harmful_style: Literal["full", "taskless_opener"] = Field(
+        "full", description="full: harmful responses open by restating the task ('Sure, here is how to {task}.'); "
+                            "taskless_opener: the same responses open without it ('Sure, here is how.'), so "
+                            "'Step 1' falls within the first ~10 tokens")
 
     def cache_key(self) -> dict:
         """The fields that identify a corpus for caches and reuse keys: the style knobs only when not at their default,
         so models and runs made before a knob existed (identical corpus) keep their keys."""
-        defaults = {"helpful_style": "short", "safe_style": "full"}
+        defaults = {"helpful_style": "short", "safe_style": "full", "harmful_style": "full"}
         return self.model_dump(mode="json", exclude={k for k, v in defaults.items() if getattr(self, k) == v})
 
 

@@ -4,8 +4,10 @@ import time
 
 import pytest
 
-from derta.synthetic import (ANSWER_PREFIX, HARM_CATEGORIES, REFUSAL_STRING, SPLITS, extract_answer, format_answer,
-                             generate_corpus, is_heldout_instruction, tokenizer_training_texts, write_corpus)
+from derta.config import SyntheticConfig
+from derta.synthetic import (ANSWER_PREFIX, HARM_CATEGORIES, REFUSAL_STRING, SPLITS, TASKLESS_OPENERS, extract_answer,
+                             format_answer, generate_corpus, is_heldout_instruction, taskless_opener_response,
+                             tokenizer_training_texts, write_corpus)
 
 HELPFUL_KEYS = {"id", "instruction", "response", "category", "answer"}
 SAFETY_KEYS = {"id", "instruction", "harmful_response", "safe_response", "category"}
@@ -248,3 +250,23 @@ def test_short_safe_style_keeps_opener_and_reason_only():
     assert short["train_helpful"] == full["train_helpful"]
     with pytest.raises(ValueError, match="safe_style"):
         generate_corpus(10, 2, 2, safe_style="tiny")
+
+
+def test_taskless_opener_style_drops_only_the_restated_task():
+    full = generate_corpus(100, 80, 20, seed=1)
+    taskless = generate_corpus(100, 80, 20, seed=1, harmful_style="taskless_opener")
+    for split in ("train_safety", "heldout_safety"):
+        for a, b in zip(full[split], taskless[split], strict=True):
+            assert {k: v for k, v in a.items() if k != "harmful_response"} == {k: v for k, v in b.items()
+                                                                              if k != "harmful_response"}
+            opener, steps = b["harmful_response"].split(" Step 1:", 1)
+            assert a["harmful_response"].endswith(" Step 1:" + steps)  # steps and closing unchanged
+            assert opener in TASKLESS_OPENERS.values() and len(opener.split()) <= 6
+            assert a["harmful_response"].split(" Step 1:", 1)[0] not in TASKLESS_OPENERS.values()
+    assert taskless["train_helpful"] == full["train_helpful"]
+    assert SyntheticConfig().cache_key() == SyntheticConfig(harmful_style="full").cache_key()
+    assert SyntheticConfig(harmful_style="taskless_opener").cache_key()["harmful_style"] == "taskless_opener"
+    with pytest.raises(ValueError, match="harmful_style"):
+        generate_corpus(10, 2, 2, harmful_style="terse")
+    with pytest.raises(ValueError, match="no known opener"):
+        taskless_opener_response("Here you go: do it.")
