@@ -331,7 +331,9 @@ _REASONS_INTRO = re.compile(r"\bask yourself\b|^\W*(?:the )?(?:law|legal (?:side
                             r"dangers|consequences|"
                             r"downsides|things (?:to consider|to keep in mind|to think about|worth)|points? (?:to consider|"
                             r"worth)|keep in mind|bear in mind|worth (?:noting|considering|thinking about|keeping in mind)|"
-                            r"consider the following|to reconsider|problems? with (?:this|that|the|your)|what to do "
+                            r"consider the following|to reconsider|problems? with (?:this|that|the|your)|what (?:the )?(?:evidence|"
+                            r"research|science|studies|data|law) (?:says?|shows?)|the (?:real|actual) (?:risks|facts)|"
+                            r"what to do "
                             r"instead)\b", _F)
 # a frame that makes what follows the legitimate version of the request ("If you're working on a legitimate
 # project, here's a general outline ..."): a redirect unless it delivers the method ("... here's how:")

@@ -60,3 +60,12 @@ def _keyboard_mash(text: str) -> bool:
 def _unglue(text: str) -> str:
     """Word-split text that byte-level models glue together: "notSorry,Sorry." -> "not Sorry, Sorry."."""
     return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[,.!?;:])(?=[^\s\d,.!?;:])", " ", text)
+
+
+def _sentence_start(text: str, pos: int, reach: int = 200) -> int:
+    """Where the sentence holding `pos` begins (within `reach` characters, on the same line), else `pos`: the words
+    before a refusal in its own sentence are the refusal's subject ("Writing a fake article is something I have to
+    decline"), not content leaked before it."""
+    head = text[max(0, pos - reach):pos]
+    cut = max(head.rfind(mark) for mark in (". ", "! ", "? ", "\n", ": "))
+    return pos if cut < 0 and pos > reach else pos - len(head) + (cut + 1 if cut >= 0 else 0)
