@@ -88,6 +88,7 @@ class RenderOptions:
     memory_per_gpu_gi: int = 64        # 512Gi for an 8-GPU pod: fits p4d/p5, a2/a3-highgpu-8g, ND96 after reservations
     code_url: str | None = None        # development: runtime-env working_dir + pip install from this zip URL
     hf_secret: str = "hf-token"        # optional Secret with key `token` (gated Llama-3 weights)
+    direct_ingress: bool = True        # the preset's serve.direct_ingress (set by render)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -109,7 +110,8 @@ def _container(name: str, opts: RenderOptions, cpu: str, memory: str, gpus: int 
         env.append({"name": "NCCL_DEBUG", "value": "WARN"})
     # serve.direct_ingress (the default): HAProxy on Serve's HTTP port (8000) forwards to the ingress replicas' own
     # ports instead of Serve's Python proxy; Ray reads these when `ray start` runs, so every node has them
-    env += [{"name": name, "value": "1"} for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY")]
+    if opts.direct_ingress:
+        env += [{"name": name, "value": "1"} for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY")]
     c: dict[str, Any] = {"name": name, "image": opts.image, "imagePullPolicy": "IfNotPresent", "env": env,
                          "resources": {"requests": dict(res), "limits": dict(res)},
                          "volumeMounts": [{"name": "shared", "mountPath": opts.mount},
@@ -223,6 +225,7 @@ def render(opts: RenderOptions) -> dict[str, dict]:
     if not preset_path.is_file():
         raise RenderError(f"--config {opts.preset}: no such preset or file ({preset_path})")
     cfg = load_config(preset_path)
+    opts.direct_ingress = cfg.serve.direct_ingress
     preset = preset_path.stem
     # Presets are referenced by name: resolved from the installed checkout, whatever the driver's cwd.
     config_arg = preset if preset_path.resolve().parent == (REPO_ROOT / "configs").resolve() else str(preset_path)

@@ -61,7 +61,8 @@ class Admission:
     """At most `capacity` model requests inside this ingress replica at once; the newest beyond it is turned away.
 
     `capacity` is what the model deployments can hold at their largest (replicas x max_ongoing_requests +
-    max_queued_requests, summed over served models; the ingress learns it from their live Serve config), so this
+    max_queued_requests, summed over served models; the ingress learns it from their live Serve config; with n
+    ingress replicas each holds ceil(1/n) of it, serve/ingress.py ingress_share), so this
     only rejects what Serve's own back-pressure would reject too (or, with several models, a request arriving while
     the models together are full); Serve's per-deployment check stays the exact one behind it. None: no limit
     (not known yet, or an unbounded queue)."""

@@ -101,7 +101,8 @@ class DertaIngress:
     async def _fetch_capacity(self) -> None:
         try:
             capacities = await asyncio.to_thread(live_capacities, list(self.models.values()))
-            self.admission.capacity = None if None in capacities else sum(capacities)
+            replicas = await asyncio.to_thread(running_ingress_replicas)
+            self.admission.capacity = None if None in capacities else ingress_share(sum(capacities), replicas)
         except Exception:  # noqa: BLE001 -- not under a Serve controller (a plain ASGI test): no fast path
             pass
         finally:
@@ -205,6 +206,22 @@ def live_capacities(handles) -> list[int | None]:
     client, app = _get_global_client(), serve.get_replica_context().app_name
     return [deployment_capacity(client.get_deployment_info(h.deployment_name, app)[0].deployment_config)
             for h in handles]
+
+
+def running_ingress_replicas() -> int:
+    """How many replicas of this ingress deployment are running now (Serve's status; at least this one)."""
+    context = serve.get_replica_context()
+    app = serve.status().applications.get(context.app_name)
+    deployment = app.deployments.get(context.deployment) if app else None
+    return max(1, deployment.replica_states.get("RUNNING", 0) if deployment else 1)
+
+
+def ingress_share(capacity: int, replicas: int) -> int:
+    """One ingress replica's part of the models' capacity. HAProxy (serve.direct_ingress) or Serve's proxy spreads
+    requests evenly over the ingress replicas, so with n of them each admits ceil(capacity / n): together they
+    admit the models' capacity and answer the rest with the guard's fast 503 (if each admitted the whole capacity,
+    n - 1 shares of a burst would pass the guard and wait ROUTER_RETRY_S for Serve's back-pressure 503)."""
+    return -(-capacity // max(1, replicas))
 
 
 def build_api(ingress: DertaIngress):

@@ -54,7 +54,10 @@ def _rel(path: Path) -> str:
 
 
 def _cluster_spec(path: Path) -> dict:
-    doc = _load(path)
+    return _cluster_spec_of(_load(path))
+
+
+def _cluster_spec_of(doc: dict) -> dict:
     spec = doc["spec"]
     return {"RayJob": lambda: spec["rayClusterSpec"], "RayService": lambda: spec["rayClusterConfig"],
             "RayCluster": lambda: spec}[doc["kind"]]()
@@ -485,3 +488,17 @@ def test_the_serve_service_port_is_the_one_haproxy_listens_on():
     port = yaml.safe_load(doc["spec"]["serveConfigV2"])["http_options"]["port"]
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"containerPort": port, "name": "serve"} in head["ports"]
+
+
+def test_a_preset_without_direct_ingress_renders_without_haproxy(tmp_path):
+    """serve.direct_ingress: false in the preset is the off switch on a cluster too: Serve's Python proxy."""
+    from derta.cluster_render import RenderOptions, render
+
+    preset = yaml.safe_load((REPO / "configs" / "llama3-8b-full-derta.yaml").read_text())
+    preset["serve"]["direct_ingress"] = False
+    path = tmp_path / "no-direct.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    for name, manifest in render(RenderOptions(preset=str(path), image="registry.example/derta:1")).items():
+        for group, _, _, pod in _pod_specs(_cluster_spec_of(manifest)):
+            names = {e["name"] for e in pod["containers"][0].get("env", [])}
+            assert not names & set(DIRECT_INGRESS_ENV), f"{name}:{group}: {sorted(names)}"

@@ -196,3 +196,28 @@ def test_an_admitted_request_outlasts_the_routers_burst_over_rejection(monkeypat
         raise AssertionError("retries must end")
     except BackPressureError:
         assert len(calls) >= 1
+
+
+def test_each_ingress_replica_admits_its_share_of_the_models_capacity(monkeypatch):
+    """With n ingress replicas (autoscaling; HAProxy spreads requests over them) each admits ceil(capacity / n):
+    together exactly the models' capacity, never less, and one replica alone the whole of it."""
+    from types import SimpleNamespace
+
+    from serve import ingress
+
+    for capacity in (1, 7, 8, 64):
+        for replicas in (1, 2, 3, 4):
+            share = ingress.ingress_share(capacity, replicas)
+            assert share * replicas >= capacity and (share - 1) * replicas < capacity
+    assert ingress.ingress_share(8, 1) == 8 and ingress.ingress_share(8, 0) == 8
+
+    def status_with(running: int):
+        deployment = SimpleNamespace(replica_states={"RUNNING": running, "STARTING": 1} if running else {})
+        app = SimpleNamespace(deployments={"DertaIngress": deployment})
+        return lambda: SimpleNamespace(applications={"derta": app})
+
+    monkeypatch.setattr(ingress.serve, "get_replica_context",
+                        lambda: SimpleNamespace(app_name="derta", deployment="DertaIngress"))
+    for running, expected in ((3, 3), (1, 1), (0, 1)):  # starting replicas take no traffic; itself at least
+        monkeypatch.setattr(ingress.serve, "status", status_with(running))
+        assert ingress.running_ingress_replicas() == expected

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_utils import free_port, wait_ready
+from tests.serve_utils import free_port, sse_events, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CAPACITY = 4  # max_ongoing_requests 2 + max_queued_requests 2
@@ -87,6 +87,12 @@ def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry
                 assert http.get("/health").status_code == 200
                 info = http.get("/info").json()
                 assert info["admission_capacity"] in (None, CAPACITY)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:  # a stream through HAProxy
+            response = http.post("/generate", json={"prompt": "question", "max_new_tokens": 3, "stream": True})
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers.get("x-request-id")
+            events = sse_events(response)
+            assert events[0]["type"] == "start" and events[-1]["type"] == "final", events
     finally:
         proc.terminate()
         try:
