@@ -19,6 +19,7 @@ from derta.config import DertaConfig, ServeConfig
 from serve.batch_gate import BatchGate
 from serve.engine import Engine, GenerationJob, TokenBudget
 from serve.protocol import Rejection, ServeError
+from serve.scheduler import Scheduler
 
 FINAL_FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size", "error", "logprobs")
 
@@ -120,6 +121,7 @@ class DertaModel:
         # resolve_source fails the deployment early on a bad path
         self.engine = Engine(self.cfg, name, resolve_source(self.cfg, source), source.get("adapter"), device)
         self.load_error: BaseException | None = None
+        self.scheduler: Scheduler | None = None  # serve.continuous_batching: one decode loop, set once loaded
         self.loaded = threading.Event()
         s = self.cfg.serve
         for batched in (self._generate_batch, self._probe_batch):
@@ -148,6 +150,9 @@ class DertaModel:
     def _load(self) -> None:
         try:
             self.engine.load()
+            if self.cfg.serve.continuous_batching:
+                self.scheduler = Scheduler(self.engine.model, self.engine.tokenizer, self.cfg.serve.max_batch_size,
+                                           self.cfg.serve.batch_wait_timeout_s)
         except BaseException as err:  # reported by check_health, /ready and every request
             self.load_error = err
         finally:
@@ -235,17 +240,36 @@ class DertaModel:
                    "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "echo": echo,
                    "logprobs": [] if job.logprobs is not None else None}
             return
-        await self.gate.admit()
-        async for event in self._generate_batch(job):  # consumed to the end: Serve settles every step future
+        if self.scheduler is not None:
+            events = self._scheduled(job)
+        else:
+            await self.gate.admit()
+            events = self._generate_batch(job)
+        async for event in events:  # consumed to the end: Serve settles every step future
             if event["delta"]:
                 yield {"type": "delta", "text": event["delta"]}
             if event.get("final"):
+                if self.scheduler is not None:  # static batches are counted when they start
+                    self.batch_sizes.observe(event["batch_size"])
                 self.generated_tokens.inc(event["completion_tokens"])
                 final = {"type": "final", "model": self.name, "echo": echo}
                 final |= {key: event[key] for key in FINAL_FIELDS if key in event}
                 if final.get("logprobs") is not None:
                     final["logprobs"] = self.engine.readable_logprobs(final["logprobs"])
                 yield final
+
+    async def _scheduled(self, job: GenerationJob) -> AsyncIterator[dict]:
+        """`job` through the continuous-batching loop: its events, the final one last. A request that goes away
+        (client disconnect) leaves the running batch at the next step."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        ticket = self.scheduler.submit(job, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            while not (event := await events.get()).get("final"):
+                yield event
+            yield event
+        finally:
+            self.scheduler.cancel(ticket)  # a no-op once it finished
 
     # ------------------------------------------------------------------------------------ probe
     async def probe(self, request: dict) -> dict | Rejection:

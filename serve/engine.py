@@ -369,6 +369,7 @@ class Engine:
             "limits": {"max_input_tokens": s.max_input_tokens, "max_new_tokens": s.max_new_tokens,
                        "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
                        "batch_fill_fraction": s.batch_fill_fraction,
+                       "continuous_batching": s.continuous_batching,
                        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
                        "probe_verify_tokens": s.probe_verify_tokens},
         }
