@@ -152,7 +152,7 @@ class DertaModel:
             self.engine.load()
             if self.cfg.serve.continuous_batching:
                 self.scheduler = Scheduler(self.engine.model, self.engine.tokenizer, self.cfg.serve.max_batch_size,
-                                           self.cfg.serve.batch_wait_timeout_s)
+                                           self.cfg.serve.batch_wait_timeout_s, self.cfg.serve.batch_fill_fraction)
         except BaseException as err:  # reported by check_health, /ready and every request
             self.load_error = err
         finally:

@@ -36,6 +36,7 @@ class Ticket:
     cancelled: bool = False
     next_token: int = 0  # the token the next decoding step feeds for this row
     batch_size: int = 0  # the most rows it shared a decoding step with
+    arrived_step: int = 0  # Scheduler.steps when it was submitted
 
 
 class DecodeBatch:
@@ -159,7 +160,8 @@ def choose_tokens(tickets: list[Ticket], logits) -> None:
     """Each row's next token from its logits row: greedy argmax, or its own seeded draw; logprobs; push."""
     import torch
 
-    for ticket, row_logits in zip(tickets, logits):
+    greedy = logits.argmax(-1).tolist()  # one op for the whole batch
+    for ticket, row_logits, best in zip(tickets, logits, greedy):
         row = ticket.row
         if row.finished or ticket.cancelled:
             continue
@@ -169,7 +171,7 @@ def choose_tokens(tickets: list[Ticket], logits) -> None:
             if row.job.samples:
                 token = sample_token(row_logits.cpu(), row.job.temperature, row.job.top_p, ticket.generator)
             else:
-                token = int(row_logits.argmax())
+                token = best
             row.push(token)
             ticket.next_token = token
         except Exception as err:  # noqa: BLE001 -- isolate the row; the message names the cause
@@ -183,14 +185,24 @@ class Scheduler:
     events (only if `job.stream`) and one final event (the `RowDecoder.result()` fields, "delta", "final": True,
     "batch_size": the most rows it shared a step with). `cancel(ticket)` drops a request at the next step, silently.
 
-    Only an idle loop waits for batch mates: the first request after a pause waits up to `idle_wait_s` (Serve's
-    `batch_wait_timeout_s`) or until `max_batch_size` requests are there, so a burst starts as one prefill; while
-    rows decode, newcomers join at the next step without waiting.
+    When newcomers join: a prefill is a forward pass of its own (on a CPU one lone 27-token prefill costs about a
+    decoding step of 16 rows), so while rows decode, newcomers join once `join_min` of them wait (or enough to fill
+    the batch), or when the oldest has waited `join_wait_steps` steps. An idle loop waits for batch mates as the
+    static path's batch gate does (serve/batch_gate.py): the first request after a pause waits up to `idle_wait_s`
+    (Serve's `batch_wait_timeout_s`) for `max_batch_size` requests; right after the batch emptied, until as many
+    requests as it held are back, or `fill_fraction` of its run time has passed (<= `max_fill_wait_s`). So a closed
+    loop of clients whose rows finish together (same max_tokens) starts again as one full batch with one prefill,
+    and neither path waits for a request that is not coming back.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int, idle_wait_s: float = 0.0):
+    def __init__(self, model, tokenizer, max_batch_size: int, idle_wait_s: float = 0.0, fill_fraction: float = 0.0,
+                 join_min: int = 4, join_wait_steps: int = 4, max_fill_wait_s: float = 0.5):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
-        self.idle_wait_s = idle_wait_s
+        self.idle_wait_s, self.fill_fraction, self.max_fill_wait_s = idle_wait_s, fill_fraction, max_fill_wait_s
+        self.join_min, self.join_wait_steps = join_min, join_wait_steps
+        self.run_started = 0.0  # when the batch last became non-empty
+        self.run_peak = 0  # the most rows it held since
+        self.fill_target, self.fill_deadline = max_batch_size, 0.0  # set when the batch empties
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.batch = DecodeBatch(model, tokenizer.pad_token_id)
         self.pending: list[Ticket] = []
@@ -207,6 +219,7 @@ class Scheduler:
         with self.wake:
             if self.closed:
                 raise RuntimeError("the scheduler is closed")
+            ticket.arrived_step = self.steps
             self.pending.append(ticket)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="derta-decode", daemon=True)
@@ -228,16 +241,28 @@ class Scheduler:
         with self.wake:
             while not self.closed and not self.pending and not len(self.batch):
                 self.wake.wait()
-            if not len(self.batch) and self.idle_wait_s > 0:
-                deadline = time.monotonic() + self.idle_wait_s
-                while (not self.closed and len(self.pending) < self.max_batch_size
+            if not len(self.batch):
+                deadline = max(self.fill_deadline, time.monotonic() + self.idle_wait_s)
+                while (not self.closed and len(self.pending) < self.fill_target
                        and (left := deadline - time.monotonic()) > 0):
                     self.wake.wait(left)
+                self.fill_target, self.fill_deadline = self.max_batch_size, 0.0
+                self.run_started, self.run_peak = time.monotonic(), 0
             if self.closed:
                 return None
             room = self.max_batch_size - len(self.batch)
+            if not self._join_now(room):
+                return []
             taken, self.pending = self.pending[:room], self.pending[room:]
         return [t for t in taken if not t.cancelled]
+
+    def _join_now(self, room: int) -> bool:
+        """Newcomers join when the batch is empty, when enough of them wait to fill it or to make their prefill
+        worth a forward pass of its own (`join_min`), or when the oldest has waited `join_wait_steps` steps."""
+        if not self.pending or room <= 0:
+            return False
+        return (not len(self.batch) or len(self.pending) >= min(room, self.join_min)
+                or self.steps - self.pending[0].arrived_step >= self.join_wait_steps)
 
     def _loop(self) -> None:
         while (newcomers := self._take_newcomers()) is not None:
@@ -258,9 +283,18 @@ class Scheduler:
                     self.batch.fail_all(err)
                 self._report(self.batch.tickets)
                 self.batch.drop()
+                if not len(self.batch):
+                    self._batch_emptied()
+
+    def _batch_emptied(self) -> None:
+        now = time.monotonic()
+        with self.wake:
+            self.fill_target = min(self.max_batch_size, len(self.pending) + self.run_peak)
+        self.fill_deadline = now + min(self.fill_fraction * (now - self.run_started), self.max_fill_wait_s)
 
     def _report(self, tickets: list[Ticket]) -> None:
         size = len(self.batch)
+        self.run_peak = max(self.run_peak, size)
         for ticket in tickets:
             row = ticket.row
             if ticket.cancelled:

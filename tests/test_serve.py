@@ -526,3 +526,48 @@ def test_deployment_options_follow_the_serve_config():
     scaled = model_deployment_options(ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 4}))
     assert "num_replicas" not in scaled and "max_replicas_per_node" not in scaled
     assert scaled["autoscaling_config"]["max_replicas"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("continuous", [True, False])
+def test_generate_joins_a_running_batch_with_continuous_batching(server, client, tiny_config, tiny_path, continuous):
+    """serve.continuous_batching: a request sent while another decodes joins its batch (batch_size 2) instead of
+    waiting for it to end, and both get what unbatched generation gives them; the static path still works."""
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    long_prompt, short_prompt = PROMPTS[0], PROMPTS[1]
+    expected = [generate(client, p, max_new_tokens=n) for p, n in ((long_prompt, MAX_NEW_TOKENS), (short_prompt, 4))]
+    assert expected[0]["finish_reason"] == "length"  # the long request is still decoding when the short one comes
+    app = build_app({"config": "tiny", "model": tiny_path, "set": overrides(
+        tiny_config, f"serve.continuous_batching={str(continuous).lower()}", "serve.batch_wait_timeout_s=0")})
+    serve.run(app, name="contbatch", route_prefix="/contbatch", blocking=False)
+    try:
+        with httpx.Client(base_url=f"{server}/contbatch", timeout=300) as http:
+            wait_ready(http)
+            started, results = threading.Event(), {}
+
+            def long_stream():
+                body = {"prompt": long_prompt, "max_new_tokens": MAX_NEW_TOKENS, "stream": True}
+                with http.stream("POST", "/generate", json=body) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            event = json.loads(line.removeprefix("data: "))
+                            started.set() if event["type"] == "delta" else None
+                            results["long"] = event
+            thread = threading.Thread(target=long_stream)
+            thread.start()
+            assert started.wait(120)
+            results["short"] = generate(http, short_prompt, max_new_tokens=4)
+            thread.join(300)
+    finally:
+        serve.delete("contbatch")
+    assert results["long"]["type"] == "final"
+    for name, want in zip(("long", "short"), expected):
+        assert results[name]["text"] == want["text"] and results[name]["finish_reason"] == want["finish_reason"]
+    if continuous:
+        assert results["short"]["batch_size"] == 2 == results["long"]["batch_size"]
