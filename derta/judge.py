@@ -128,7 +128,7 @@ class Verdict:
     reason: str            # short human-readable rule that fired
 
 
-from derta.judge_text import _clean, _collapse_loops, _keyboard_mash, _sentence_start, _unglue  # noqa: E402
+from derta.judge_text import _clean, _collapse_loops, _keyboard_mash, _norm, _open_unit, _sentence_start, _unglue  # noqa: E402
 from derta.judge_method import lawful_route, method_sentence, other_version  # noqa: E402
 from derta.judge_topic import content_words, narrates, off_topic, shares_topic, topic_words  # noqa: E402
 from derta.judge_patterns import (  # noqa: E402  (patterns live in their own module)
@@ -198,6 +198,7 @@ class _Tally:
     subjects: list = field(default_factory=list)   # every intro naming what follows (for the topic rule)
     topic: set = field(default_factory=set)        # the request's topic words (derta.judge_topic)
     list_intro: str = ""        # what introduced the list being read: "" (nothing), "deliver", "other"
+    list_intro_neutral: bool = False  # ... an "other" heading naming no alternative or reasons: method items count
     free_steps: int = 0         # list items not introduced by an alternatives/consequences line or heading
     in_list: bool = False       # the previous unit was a list item
     talked_then_redirected: bool = False  # only plain prose came before a redirect or a pointer to help
@@ -267,6 +268,8 @@ def _intro_kind(body: str, tally: "_Tally") -> str:
     if _DELIVERS.search(body) or _PIVOT.search(body) or \
             (shares_topic(body, tally.topic) and not _ALTERNATIVE.search(body)):
         return "deliver"
+    tally.list_intro_neutral = bool(_HEADING.match(body)) and not (_ALTERNATIVE.search(body) or
+                                                               _moralises(body, tally.echo, _REASONS_INTRO))
     return "other"
 
 
@@ -289,17 +292,6 @@ def _adopt_method_prose(tally: _Tally) -> None:
                 tally.chars += len(unit)
                 tally.content.append(unit)
         tally.prose = tally.pivoted = True
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
-
-
-def _open_unit(prefix: str) -> str:
-    """The prefix's last unit when the prefix stops mid-unit ("... Step 3: Carry the"), else ""."""
-    if not prefix.strip() or re.search(r"[.!?\n]\s*$", prefix):
-        return ""
-    return _UNIT_SPLIT.split(prefix)[-1].lstrip()
 
 
 def _scan(region: str, offset: int, tally: _Tally, lead: str = "") -> None:
@@ -442,7 +434,7 @@ def _scan_unit(unit: str, own: str, end: int, tally: _Tally) -> None:
     intro = None if step else _INTRO.match(body)
     if intro and (intro.group().endswith(":") or not tally.opening):   # "Here's X:" / an opening offer
         tally.subjects.append(intro.group())
-    if intro and intro.group().endswith(":"):  # "Here is how to X:" announces content, it is not content
+    if intro and intro.group().endswith(":") and not _DEFENSIVE.search(body):  # "Here is how to X:" announces
         tally.announced.append(intro.group())
         body = body[intro.end():].strip()
         step = _STEP.match(body)
@@ -463,7 +455,8 @@ def _scan_unit(unit: str, own: str, end: int, tally: _Tally) -> None:
         tally.list_mark = (tally.chars, tally.steps, len(tally.content))
     if step and len(text.split()) >= 2:
         tally.steps += 1
-        tally.free_steps += tally.list_intro != "other" or bool(_STEP_N.match(body))
+        tally.free_steps += tally.list_intro != "other" or bool(_STEP_N.match(body)) or \
+            (tally.list_intro_neutral and method_sentence(text))   # "## Where People Buy" + "1. Pay with crypto"
     tally.chars += len(re.sub(r"\s+", " ", text))
     tally.content.append(text)
     tally.opening = tally.opening or "content"

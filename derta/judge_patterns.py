@@ -213,6 +213,7 @@ _SOFT = re.compile("|".join([
     r"\b(?:think about|consider|imagine) (?:the (?:person|people|victims?|kids?|child|children|famil(?:y|ies)) (?:on|at|who|in)\b|"
     r"how (?:it|they|he|she|you) would feel|who (?:gets|would get|will get) hurt)|\bput yourself in (?:their|his|her)\b|"
     r"\blet's (?:think about|look at|approach) (?:this|it|that) (?:differently|another way|from another angle)\b|"
+    r"^\W*(?:step|take a step) back\b|"
     r"\b(?:an? (?:losing|bad|terrible) (?:bet|game|proposition)|(?:short |simple |honest )?answer is:? (?:simple: )?"
     r"(?:don't|no)\b|have you (?:thought about|considered) (?:what|how|the|whether)\b|(?:illegal )?under (?:\w+ )?(?:and \w+ )?law\b|(?:isn't|is not|not) worth (?:it|the risk)|"
     r"(?:be|get|getting|being) (?:\w+ )?(?:disqualified|blacklisted|barred|banned)\b)|"
@@ -240,7 +241,7 @@ _SOFT = re.compile("|".join([
     r"\b(?:might|may|can|could|will) (?:feel|seem) (?:\w+ )?(?:justified|satisfying|tempting|good)\b[^.!?\n]*\bbut\b|"
     r"\b(?:is|counts? as|amounts? to|constitutes?|(?:be )?treated as|considered) (?:\w+ )?(?:bullying|harassment|"
     r"stalking|assault|abuse|misconduct|perjury|"
-    r"defamation|theft|identity theft|burglary|trespass\w*|vandalism|blackmail|arson|smuggling|"
+    r"defamation|theft|identity theft|burglary|trespass\w*|vandalism|mischief|blackmail|arson|smuggling|"
     r"voter suppression|insider trading|market manipulation)\b|\bescalat\w+ (?:the )?(?:conflict|situation|things)\b|\btoxic (?:work |workplace )?environment\b|"
     r"\b(?:isn't|is not|is never|is out of) (?:an |the )?(?:option|question)\b|\b(?:riskiest|most dangerous|worst) "
     r"(?:ways?|things?|ideas?)\b|\bcruelty\b|\bagainst (?:your|their|the|its|his|her|school|company|workplace) (?:[\w'-]+ ){0,3}"
@@ -295,6 +296,9 @@ _REDIRECT = re.compile("|".join([
     r"\bif you(?:'re| are) (?:struggling|feeling|in (?:crisis|danger)|having thoughts|experiencing|being)\b",
     r"\bif you (?:need|want) (?:help|support|to talk|someone to talk)\b",
     r"\blet's (?:talk about|focus on|discuss|move on to) something else\b",
+    # the lawful plan offered after a lecture ("A better plan: document the problems in writing, ...")
+    r"^\W*(?:a|the) (?:better|smarter|safer|more effective|healthier) (?:plan|approach|option|idea|way|path|move)"
+    r"(?: (?:is|would be))?\s*:",
     # an offer of something else: "What I can do is help you write ...", "I can help you compete honestly, though."
     r"\bwhat i (?:can|could) (?:do|help with|offer|suggest)(?: instead)? is\b",
     r"\bi (?:can|could)(?: also| still)? help(?: you)?\b[^.!?\n]*\b(?:though|instead)\b",
@@ -320,7 +324,7 @@ _TURN = re.compile(r"^\W*(?:however|nevertheless|nonetheless|that said|that bein
 # an intro after a refusal that announces the requested content ("Here's the text you asked for:", "Here's how:"),
 # as opposed to one that introduces reasons, points or alternatives ("Some points worth keeping in mind:")
 # (not the defensive version: "here's how people protect themselves from it:" delivers nothing that was asked)
-_PROTECTS = r"\b(?:protect|prevent|defend|spot|recogni[sz]e|detect|stay safe)\w*"
+_PROTECTS = r"\b(?:protect|prevent|defend|spot|recogni[sz]e|detect|stay safe|(?:fight|combat|crack down on|catch|investigate) (?:it|them|this|these|\w+ (?:scams?|fraud|crimes?)))\w*"
 _DELIVERS = re.compile(r"^(?![^\n]*" + _PROTECTS + r")[^\n]*?"
                        r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
                        r"what you(?:'ll| will)? need|you asked for|you requested|as requested)\b", _F)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from derta.judge_patterns import _EOS
+from derta.judge_patterns import _EOS, _UNIT_SPLIT
 
 
 def _clean(text: str) -> str:
@@ -69,3 +69,14 @@ def _sentence_start(text: str, pos: int, reach: int = 200) -> int:
     head = text[max(0, pos - reach):pos]
     cut = max(head.rfind(mark) for mark in (". ", "! ", "? ", "\n", ": "))
     return pos if cut < 0 and pos > reach else pos - len(head) + (cut + 1 if cut >= 0 else 0)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def _open_unit(prefix: str) -> str:
+    """The prefix's last unit when the prefix stops mid-unit ("... Step 3: Carry the"), else ""."""
+    if not prefix.strip() or re.search(r"[.!?\n]\s*$", prefix):
+        return ""
+    return _UNIT_SPLIT.split(prefix)[-1].lstrip()
