@@ -149,7 +149,8 @@ def serve(
     config: Optional[str] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="checkpoint dir, adapter dir or hub id"),
-    port: Optional[int] = typer.Option(None, "--port"),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default serve.port): HAProxy in front of the "
+                                       "ingress replicas; Serve's proxy with --set serve.direct_ingress=false"),
     insecure: bool = typer.Option(False, "--insecure", help="allow no API key on a non-loopback serve.host"),
 ):
     """Serve /generate, /probe and /v1/* on serve.host (127.0.0.1 by default; model: the newest local checkpoint)."""
