@@ -374,6 +374,10 @@ def main() -> None:
                              "in-process httpx threads, or both in turn")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="derta config override for the served app, e.g. serve.batch_fill_fraction=0")
+    parser.add_argument("--generate-path", choices=["port", "direct"], default="direct",
+                        help="latency and generate clients send to Serve's HTTP port (`port`: what users hit, "
+                             "HAProxy under serve.direct_ingress) or, with direct ingress, the ingress replica's own "
+                             "port (`direct`, no HAProxy hop; the earlier runs' path)")
     parser.add_argument("--overload-rounds", type=int, default=1, metavar="N",
                         help="repeat the overload bursts N times (round 1 cold, later rounds warm)")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
@@ -432,11 +436,13 @@ def main() -> None:
     url = proxy_url = start_serve(cfg, path)
     with httpx.Client(base_url=url, timeout=300) as http:
         wait_ready(http)
-    if cfg.serve.direct_ingress:  # --set serve.direct_ingress=true: the ingress replica's own port, no proxy hop
+    if cfg.serve.direct_ingress and args.generate_path == "direct":  # the ingress replica's own port, no hop
         from serve.app import wait_direct_ingress
 
         url = wait_direct_ingress("bench", "127.0.0.1")[0]
         print(f"[bench] latency and generate through direct ingress {url}", flush=True)
+    else:
+        print(f"[bench] latency and generate through Serve's HTTP port {url}", flush=True)
     with httpx.Client(base_url=url, timeout=300) as http:
         wait_ready(http)
         if "latency" in parts:

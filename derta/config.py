@@ -233,7 +233,7 @@ class ServeConfig(Strict):
     batch_fill_fraction: float = Field(0.25, ge=0, le=1, description=(
         "after a batch, hold new requests until its size is waiting again or this share of its duration (<= 0.5 s) "
         "has passed (serve/batch_gate.py); 0: the next batch starts with whatever is waiting"))
-    continuous_batching: bool = Field(False, description=(
+    continuous_batching: bool = Field(True, description=(
         "/generate and /v1 requests join the running batch between decoding steps and leave it when done "
         "(serve/scheduler.py); false: static batches of up to max_batch_size (@serve.batch + the batch gate)"))
     max_input_tokens: int = Field(1024, ge=1)

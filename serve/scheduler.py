@@ -188,9 +188,9 @@ class Scheduler:
     When newcomers join: a prefill is a forward pass of its own (on a CPU one lone 27-token prefill costs about a
     decoding step of 16 rows), so while rows decode, newcomers join once `join_min` of them wait (or enough to fill
     the batch), or when the oldest has waited `join_wait_steps` steps. An idle loop waits for batch mates as the
-    static path's batch gate does (serve/batch_gate.py): the first request after a pause waits up to `idle_wait_s`
-    (Serve's `batch_wait_timeout_s`) for `max_batch_size` requests; right after the batch emptied, until as many
-    requests as it held are back, or `fill_fraction` of its run time has passed (<= `max_fill_wait_s`). So a closed
+    static path's batch gate and `@serve.batch` do: right after the batch emptied, until as many requests as it
+    held are back, or `fill_fraction` of its run time has passed (<= `max_fill_wait_s`); then up to `idle_wait_s`
+    (Serve's `batch_wait_timeout_s`) for `max_batch_size` requests. So a closed
     loop of clients whose rows finish together (same max_tokens) starts again as one full batch with one prefill,
     and neither path waits for a request that is not coming back.
     """
@@ -241,11 +241,10 @@ class Scheduler:
         with self.wake:
             while not self.closed and not self.pending and not len(self.batch):
                 self.wake.wait()
-            if not len(self.batch):
-                deadline = max(self.fill_deadline, time.monotonic() + self.idle_wait_s)
-                while (not self.closed and len(self.pending) < self.fill_target
-                       and (left := deadline - time.monotonic()) > 0):
-                    self.wake.wait(left)
+            if not len(self.batch):  # as the static path: the batch gate's fill wait, then Serve's batch wait
+                self._wait_until(lambda: len(self.pending) >= self.fill_target, self.fill_deadline)
+                self._wait_until(lambda: len(self.pending) >= self.max_batch_size,
+                                 time.monotonic() + self.idle_wait_s)
                 self.fill_target, self.fill_deadline = self.max_batch_size, 0.0
                 self.run_started, self.run_peak = time.monotonic(), 0
             if self.closed:
@@ -255,6 +254,11 @@ class Scheduler:
                 return []
             taken, self.pending = self.pending[:room], self.pending[room:]
         return [t for t in taken if not t.cancelled]
+
+    def _wait_until(self, enough, deadline: float) -> None:
+        """With `self.wake` held: until `enough()`, the deadline (time.monotonic) or close."""
+        while not self.closed and not enough() and (left := deadline - time.monotonic()) > 0:
+            self.wake.wait(left)
 
     def _join_now(self, room: int) -> bool:
         """Newcomers join when the batch is empty, when enough of them wait to fill it or to make their prefill
