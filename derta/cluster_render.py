@@ -92,6 +92,9 @@ class RenderOptions:
 
 
 # ------------------------------------------------------------------------------------------- pieces
+IMAGE_HAPROXY_503 = "/home/ray/derta/serve/haproxy_503.sh"  # serve/haproxy_503.sh in the image (./Dockerfile)
+
+
 def _name(kind: str, preset: str) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", f"derta-{kind}-{preset}".lower()).strip("-")
     if len(name) > MAX_NAME:
@@ -112,6 +115,8 @@ def _container(name: str, opts: RenderOptions, cpu: str, memory: str, gpus: int 
     # ports instead of Serve's Python proxy; Ray reads these when `ray start` runs, so every node has them
     if opts.direct_ingress:
         env += [{"name": name, "value": "1"} for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY")]
+        # HAProxy's own errors (no ingress replica ready yet, one gone) as 503 + Retry-After, not Ray's 500
+        env.append({"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": IMAGE_HAPROXY_503})
     c: dict[str, Any] = {"name": name, "image": opts.image, "imagePullPolicy": "IfNotPresent", "env": env,
                          "resources": {"requests": dict(res), "limits": dict(res)},
                          "volumeMounts": [{"name": "shared", "mountPath": opts.mount},

