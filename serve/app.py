@@ -85,7 +85,10 @@ def default_model_path(cfg: DertaConfig, runs_dir: Path | str | None = None) -> 
 SERVE_PROCESS_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# fixed ports by default: HAProxy's stats and metrics listeners (8404, 9101) and Serve's fallback proxy behind
+# HAProxy (8500, 9500 for gRPC)
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Ray runs this as HAProxy
 REAL_HAPROXY_ENV = "DERTA_HAPROXY_BINARY"  # the binary haproxy_503.sh runs
 HAPROXY_503 = Path(__file__).resolve().parent / "haproxy_503.sh"
@@ -112,8 +115,8 @@ def set_serve_process_env(cfg: DertaConfig) -> None:
     if cfg.serve.direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"
         os.environ[HA_PROXY_ENV] = "1"
-        # HAProxy's stats and metrics listeners default to fixed ports on every interface (8404, 9101): free ones
-        # for each instance started here, so that several on one machine do not collide (ports derta chose are
+        # HAProxy's stats and metrics listeners and Serve's fallback proxy default to fixed ports (HAPROXY_PORT_ENVS):
+        # free ones for each instance started here, so that several on one machine do not collide (ports derta chose are
         # listed in DERTA_CHOSEN_PORTS and chosen afresh next time, also in a child process; one set by the user is
         # kept)
         chosen = set(filter(None, os.environ.get(CHOSEN_PORTS_ENV, "").split(",")))
