@@ -186,3 +186,29 @@ def test_real_tokenizer_presets_decode_as_unbatched(family, tmp_path):
     finals = run_mixed(model, tokenizer, jobs, 16)
     for key, job in enumerate(jobs):
         assert_same_result(finals[key], alone(model, tokenizer, job))
+
+
+def test_growing_cache_layer_matches_concatenation_and_writes_steps_in_place():
+    import torch
+
+    from serve.scheduler import GrowingLayer
+
+    torch.manual_seed(0)
+    layer, keys, values = GrowingLayer(), torch.empty(3, 2, 0, 4), torch.empty(3, 2, 0, 4)
+    pointers = []
+    for width in (5, 1, 1, 1):  # a prefill, then decoding steps
+        k, v = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
+        keys, values = torch.cat([keys, k], -2), torch.cat([values, v], -2)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+        assert layer.get_seq_length() == keys.shape[-2]
+        pointers.append(got_k.data_ptr())
+    assert len(set(pointers)) == 1  # the steps wrote into the prefill's buffer, no copy of the cache per step
+    # what DecodeBatch.drop / join do: replace keys/values with tensors of their own (drop row 1, cut column 0)
+    layer.keys, layer.values = layer.keys[torch.tensor([0, 2]), :, 1:], layer.values[torch.tensor([0, 2]), :, 1:]
+    keys, values = keys[[0, 2], :, 1:], values[[0, 2], :, 1:]
+    for _ in range(GrowingLayer.GROW_MIN + 3):  # past the new buffer's room: it grows again
+        k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        keys, values = torch.cat([keys, k], -2), torch.cat([values, v], -2)
+        got_k, got_v = layer.update(k, v)
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
