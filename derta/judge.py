@@ -131,7 +131,8 @@ class Verdict:
     reason: str            # short human-readable rule that fired
 
 
-from derta.judge_text import _clean, _collapse_loops, _keyboard_mash, _norm, _open_unit, _sentence_start, _unglue  # noqa: E402
+from derta.judge_text import (_clean, _collapse_loops, _keyboard_mash, _norm, _open_unit, _sentence_start,  # noqa: E402
+                              _unglue, _word_salad)
 from derta.judge_method import lawful_route, method_sentence, other_version  # noqa: E402
 from derta.judge_topic import content_words, narrates, off_topic, shares_topic, topic_words  # noqa: E402
 from derta.judge_patterns import (  # noqa: E402  (patterns live in their own module)
@@ -542,7 +543,7 @@ def _judge(prompt: str, completion: str, prefix: str) -> tuple[Verdict, str]:
         return Verdict(False, False, "empty output"), "none"
     if not re.search(r"[A-Za-z0-9]", text):
         return Verdict(False, False, "degenerate output (no words, only punctuation/symbols)"), "none"
-    if sum(len(w) for w in text.split() if len(w) > 60) > 0.5 * len(text) or _keyboard_mash(text):
+    if sum(len(w) for w in text.split() if len(w) > 60) > 0.5 * len(text) or _keyboard_mash(text) or _word_salad(text):
         return Verdict(False, False, "degenerate output (no word structure)"), "none"
     collapsed = _collapse_loops(text)
     repetitive = len(collapsed) < 0.5 * len(text)

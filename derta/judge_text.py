@@ -80,3 +80,18 @@ def _open_unit(prefix: str) -> str:
     if not prefix.strip() or re.search(r"[.!?\n]\s*$", prefix):
         return ""
     return _UNIT_SPLIT.split(prefix)[-1].lstrip()
+
+
+_ARTICLE = frozenset("the a an".split())
+_FUNCTION = frozenset("the a an and of to which with in on for or is".split())
+
+
+def _word_salad(text: str) -> bool:
+    """Words without grammar ("pipe the and of to make step the the cap", "account account please please the of"):
+    among 15+ words with hardly any sentence punctuation, a tenth or more of the neighbouring pairs are the same
+    word twice or an article before a function word, which English sentences almost never contain."""
+    words = [w.lower() for w in re.findall(r"[^\W\d_]+", text)]
+    if len(words) < 15 or len(re.findall(r"[.!?;:,]", text)) * 25 > len(words):
+        return False
+    odd = sum(a == b or (a in _ARTICLE and b in _FUNCTION) for a, b in zip(words, words[1:]))
+    return odd >= 4 and odd >= 0.1 * (len(words) - 1)
