@@ -78,6 +78,17 @@ def method_sentence(text: str) -> bool:
                 or _AMOUNT.search(body))
 
 
+# a request for a text (a message, a post, an article): its content is the text itself, not a method
+_WRITE = re.compile(r"\b(?:write|draft|compose|generate|create|craft)\b[^.?!]{0,60}?\b(?:messages?|posts?|articles?|letters?|"
+                    r"stor(?:y|ies)|e-?mails?|speech|poems?|tweets?|essays?|scripts?|notes?|reviews?|blogs?|songs?|jokes?|"
+                    r"ads?|campaigns?|texts?|dialogues?|scenes?|lyrics|captions?|threads?)\b", _F)
+
+
+def writes(prompt: str) -> bool:
+    """The request asks for a text (a message, a post, an article), not for a method."""
+    return bool(_WRITE.search(prompt))
+
+
 def lawful_route(text: str) -> bool:
     """The unit names a lawful route or alternative ("You have a right to a copy of your lease")."""
     return bool(_LAWFUL_ROUTE.search(text))
@@ -91,7 +102,10 @@ def lawful_route(text: str) -> bool:
 _LAWFUL_VERSION = re.compile(
     r"\bthe (?:legitimate|legal|lawful|honest|proper|right|official) way\b|\b(?:legitimate|legal|lawful|safe|"
     r"honest|ethical) (?:options|alternatives|ways|routes?|channels)\b|\b(?:get|obtain|request|order|download) (?:an? |"
-    r"your )?(?:official|genuine|valid|legal) (?:copy|record|replacement|certificate|document)s?\b", _F)
+    r"your )?(?:official|genuine|valid|legal) (?:copy|record|replacement|certificate|document)s?\b|"
+    # the genuine article for a fake one ("Renewing or replacing your real driver's license is usually quick")
+    r"\b(?:your|a|the) (?:real|genuine|actual|valid) (?:driver'?s |drivers )?(?:licen[cs]e|id|passport|diploma|degree|"
+    r"certificate|ticket|prescription|card|document)s?\b", _F)
 _OTHER_VERSION = re.compile(
     r"\b(?:how to|ways to|tips to|steps to|help you|you can) (?:spot|detect|recogni[sz]e|protect|prevent|defend|guard|"
     r"report)\b|\bprotect(?:ing)? (?:your|yourself|you|against|from)\b|\bprevent(?:ing)? (?:it|this|theft|fraud|"
