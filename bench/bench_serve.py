@@ -3,7 +3,7 @@
     python bench/bench_serve.py [--clients 16] [--requests-per-client 8] [--warmup-requests 1] [--new-tokens 32]
                                 [--size probe|tiny] [--only all|latency|generate|overload[,...]] [--set KEY=VALUE]
     python bench/bench_serve.py --only overload [--overload-connections fresh|keepalive|both] [--overload-hold S]
-                                [--overload-rounds N]
+                                [--overload-rounds N] [--overload-idle S]
                                 [--overload-client asyncio|threads|both]
 
 The model is a random-init Llama with the tiny tokenizer; `--size probe` (default) is hidden 512, 8 layers, so the
@@ -148,7 +148,7 @@ def start_serve(cfg, path: str, app: bool = True) -> str:
 
 
 def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = "both", hold_s: float = 0,
-             clients: str = "both", rounds: int = 1) -> dict:
+             clients: str = "both", rounds: int = 1, idle_s: float = 0) -> dict:
     """4x capacity at once against a second app with max_ongoing=4, max_queued=4 (capacity 8).
 
     `connections`: "fresh" = every client opens a new connection with its request (client-side connect cost is
@@ -160,7 +160,8 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     is the app's batch wait: admitted requests then sit idle that long before any compute, so the 503 latency is
     Serve's and derta's request handling alone, without the forward passes competing for the CPU. `rounds` > 1
     repeats the whole sequence (rows of round k > 1 are named `MODE-rk`): the first burst on a path meets it cold
-    (e.g. HAProxy has no pooled connections to the ingress replica yet), later ones warm."""
+    (e.g. HAProxy has no pooled connections to the ingress replica yet), later ones warm. `idle_s`: seconds between
+    the app's start-up (and `derta serve`'s warm-up) and the first burst."""
     import httpx
     from ray import serve
 
@@ -176,9 +177,12 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
     # "port": what users hit, Serve's HTTP port (HAProxy under serve.direct_ingress, else Serve's Python proxy)
     out, paths = {}, {"port": url}
     if cfg.serve.direct_ingress:  # also the ingress replica's own port (HAProxy keeps routing): both, one run
-        from serve.app import wait_direct_ingress
+        from serve.app import wait_direct_ingress, warm_up
 
         url = paths["direct"] = out["direct_ingress_url"] = wait_direct_ingress("overload", "127.0.0.1")[0]
+        # as `derta serve` does once the app runs (`--set serve.warmup_connections=0`: the cold baseline)
+        out["warmup_ok"] = warm_up(paths["port"], cfg.serve.warmup_connections)
+    time.sleep(idle_s)  # diagnostic: how long a warm-up lasts (HAProxy purges idle connections over time)
     for round_ in range(1, rounds + 1):
         for path_name, target in paths.items():
             for client in (["asyncio", "threads"] if clients == "both" else [clients]):
@@ -380,6 +384,8 @@ def main() -> None:
                              "port (`direct`, no HAProxy hop; the earlier runs' path)")
     parser.add_argument("--overload-rounds", type=int, default=1, metavar="N",
                         help="repeat the overload bursts N times (round 1 cold, later rounds warm)")
+    parser.add_argument("--overload-idle", type=float, default=0, metavar="S",
+                        help="diagnostic: wait S s after start-up (and the warm-up) before the first overload burst")
     parser.add_argument("--overload-hold", type=float, default=0, metavar="S",
                         help="diagnostic: admitted overload requests wait S s idle before any compute (isolates the "
                              "503 path's own cost from CPU contention with the forward passes)")
@@ -396,7 +402,7 @@ def main() -> None:
     if parts == {"overload"}:
         print(f"[bench] load average at start {os.getloadavg()}", flush=True)
         overloaded = overload(start_serve(cfg, path, app=False), cfg, path, args.new_tokens, args.overload_connections,
-                              args.overload_hold, args.overload_client, args.overload_rounds)
+                              args.overload_hold, args.overload_client, args.overload_rounds, args.overload_idle)
         print_overload(overloaded)
         print(f"[bench] load average at end {os.getloadavg()}", flush=True)
         from ray import serve

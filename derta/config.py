@@ -255,6 +255,10 @@ class ServeConfig(Strict):
                           "(`--port`) and forwards to them (overload 503s without the proxy hop). Read when Ray "
                           "starts (`derta serve` sets RAY_SERVE_ENABLE_DIRECT_INGRESS/RAY_SERVE_ENABLE_HA_PROXY for "
                           "the instance it starts; a cluster needs them in its environment); false: Serve's proxy")
+    warmup_connections: int = Field(
+        32, ge=0, description="`derta serve` sends this many concurrent GET /health through `--port` once the app "
+                              "runs under serve.direct_ingress, so that HAProxy's connections to the ingress replica "
+                              "and their first requests are paid before the first real burst; 0 = none")
 
 
 # ----------------------------------------------------------------------------------------------- eval

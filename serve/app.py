@@ -190,6 +190,8 @@ def run_local(cfg: DertaConfig, model: str | None = None, port: int | None = Non
               if direct else
               f"[derta] serve.direct_ingress: this Ray cluster's Serve runs without it ({DIRECT_INGRESS_ENV}=1 must "
               "be in its environment when it starts); serving through the proxy only", flush=True)
+        if direct:
+            warm_up(local_url(url), cfg.serve.warmup_connections)
     try:
         wait_for_signal()
     finally:
@@ -209,6 +211,39 @@ def wait_direct_ingress(app_name: str, host: str, timeout_s: float = 600) -> lis
             return []
         time.sleep(0.5)
     return []
+
+
+def local_url(url: str) -> str:
+    """`url` reached from this machine: a wildcard bind is dialled on loopback."""
+    for wildcard in ("0.0.0.0", "[::]", "::"):
+        url = url.replace(f"//{wildcard}:", "//127.0.0.1:")
+    return url
+
+
+def warm_up(url: str, connections: int) -> int:
+    """`connections` concurrent GET /health through `url` (HAProxy on `--port`), once the app is running; returns
+    how many answered 200. HAProxy opens a connection to the ingress replica per concurrent request, and the
+    replica's event loop accepts them one after another while it answers: without this, the first overload burst
+    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy purges idle connections
+    within seconds (`pool-purge-delay`), so this covers the start-up, not a burst after a long quiet period. /health
+    is cheap, needs no API key and touches no model. A failure here is only printed: serving goes on."""
+    import asyncio
+
+    import httpx
+
+    async def burst() -> int:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+            answers = await asyncio.gather(*(http.get("/health") for _ in range(connections)),
+                                           return_exceptions=True)
+        return sum(getattr(answer, "status_code", None) == 200 for answer in answers)
+
+    if connections <= 0:
+        return 0
+    ok = asyncio.run(burst())
+    if ok < connections:
+        print(f"[derta] warm-up: {ok} of {connections} GET /health through {url} answered 200", flush=True)
+    return ok
 
 
 def wait_for_signal() -> None:

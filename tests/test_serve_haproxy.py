@@ -126,3 +126,40 @@ def test_serve_env_runs_haproxy_through_the_script(monkeypatch):
     set_serve_process_env(load_config("tiny"))
     assert os.environ[REAL_HAPROXY_ENV] == "/opt/haproxy/bin/haproxy"
     assert os.environ[HAPROXY_BINARY_ENV] == str(HAPROXY_503)
+
+
+def test_warm_up_opens_that_many_connections_at_once():
+    """`derta serve`'s warm-up: N concurrent GET /health, so N connections (what HAProxy would open to the replica).
+    The server answers only once all N are inside, so they cannot reuse each other's connection."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve.app import local_url, warm_up
+
+    n, peers, paths = 6, set(), []
+    barrier = threading.Barrier(n, timeout=120)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            peers.add(self.client_address)
+            paths.append(self.path)
+            barrier.wait()
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = local_url(f"http://0.0.0.0:{server.server_address[1]}")
+        assert url.startswith("http://127.0.0.1:")
+        assert warm_up(url, n) == n
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(peers) == n and set(paths) == {"/health"}
+    assert warm_up(url, 0) == 0  # serve.warmup_connections=0: nothing sent
