@@ -30,7 +30,9 @@ Output:
 A finished training run whose config is unchanged is reused (`experiment_run.json`), and so are the completions
 of an evaluation whose model and generation settings are unchanged (`experiment_eval.json`; they are judged
 again with the current judge): variants that change only the fine-tunes, the judge or the report do not pre-train
-or generate again what did not change. The preset is `configs/experiment.yaml`.
+or generate again what did not change. Both keys spell paths inside DIR relative to it (`relocatable`), and a
+run's checkpoint is recorded relative to its run directory: a copied or moved DIR (or one named by a relative
+--output from another working directory) is still reused. The preset is `configs/experiment.yaml`.
 """
 from __future__ import annotations
 
@@ -117,27 +119,48 @@ def training_key(cfg: DertaConfig) -> dict:
     return key
 
 
-def timed_training(cfg: DertaConfig, output: Path) -> dict:
-    """Train (or reuse a finished run of the identical config in `output`); returns the run's record."""
+ROOT_MARK = "<experiment>"
+
+
+def relocatable(value, root: Path | None):
+    """`value` (a key: nested dicts / lists / strings) with every path under the experiment directory `root` written
+    as `<experiment>/<path relative to root>`: the key no longer depends on where DIR lies or how it was named."""
+    if root is None:
+        return value
+    if isinstance(value, dict):
+        return {k: relocatable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocatable(v, root) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(root):
+        return str(Path(ROOT_MARK) / Path(value).relative_to(root))
+    return value
+
+
+def timed_training(cfg: DertaConfig, output: Path, root: Path | None = None) -> dict:
+    """Train (or reuse a finished run of the identical config in `output`); returns the run's record. `root`: the
+    experiment directory (absolute), whose paths the reuse key spells relative to it."""
     with exclusive(output):
-        return _timed_training(cfg, output)
+        return _timed_training(cfg, output, root)
 
 
-def _timed_training(cfg: DertaConfig, output: Path) -> dict:
+def _timed_training(cfg: DertaConfig, output: Path, root: Path | None) -> dict:
     from derta.trainer import run_training
 
-    record_file, config = output / "experiment_run.json", training_key(cfg)
+    record_file, config = output / "experiment_run.json", relocatable(training_key(cfg), root)
     if record_file.exists():
         record = json.loads(record_file.read_text())
-        if record.get("config") == config and Path(record["checkpoint"]).exists():
-            return {**record["run"], "config_key": config, "reused": True}
+        checkpoint = output / record["checkpoint"]  # relative to the run directory (absolute in older records)
+        if record.get("config") == config and checkpoint.exists():
+            return {**record["run"], "checkpoint": str(checkpoint), "config_key": config, "reused": True}
     discard_stale_run(output, config)
     start = time.perf_counter()
     final = run_training(cfg, output)
     run = json.loads((output / "run.json").read_text())
     result = {"checkpoint": str(final), "steps": run["total_steps"], "lr": cfg.train.lr, "rows": run["rows"],
               "examples_by_kind": run["examples_by_kind"], "seconds": round(time.perf_counter() - start, 1)}
-    record_file.write_text(json.dumps({"config": config, "checkpoint": str(final), "run": result}, indent=2))
+    local = str(Path(final).relative_to(output)) if Path(final).is_relative_to(output) else str(final)
+    record_file.write_text(json.dumps({"config": config, "checkpoint": local, "run": {**result, "checkpoint": local}},
+                                      indent=2))
     return {**result, "config_key": config}
 
 
@@ -219,15 +242,16 @@ def exclusive(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_seed(cfg: DertaConfig, paths: dict[str, Path], output: Path, base: dict | None) -> dict:
+def run_seed(cfg: DertaConfig, paths: dict[str, Path], output: Path, base: dict | None,
+             root: Path | None = None) -> dict:
     """One repetition: the base (unless `base` = the shared one's record), the three fine-tunes, evaluation.
     `output`/runs/<model>/ holds the training runs, `output`/eval/<model>/ the evaluations."""
     start = time.perf_counter()
-    runs = {"base": base or timed_training(base_config(cfg, paths), output / "runs" / "base")}
+    runs = {"base": base or timed_training(base_config(cfg, paths), output / "runs" / "base", root)}
     steps = cfg.experiment.finetune_steps or cfg.train.max_steps
     for mode in ARMS:  # vanilla first: with no step count set, its epoch-based count is used for all arms
         runs[mode] = timed_training(arm_config(cfg, paths, Path(runs["base"]["checkpoint"]), mode, steps),
-                                    output / "runs" / mode)
+                                    output / "runs" / mode, root)
         steps = runs[mode]["steps"]
     eval_start = time.perf_counter()
     summary, curves = {}, {}
@@ -254,18 +278,18 @@ def run_experiment(cfg: DertaConfig, output: Path | str) -> dict:
     from derta.runtime import init_ray
 
     start = time.perf_counter()
-    output = Path(output)
+    output = Path(output).resolve()  # absolute: keys and checkpoints then do not depend on the working directory
     init_ray()
     paths = write_corpus_files(cfg, output / "data")
     base = None
     if cfg.experiment.shared_base:  # one base model, as the paper fine-tunes one pre-trained model per seed
         base_cfg = seeded(cfg, cfg.experiment.base_seed)
-        base = timed_training(base_config(base_cfg, paths), output / "base" / "run")
+        base = timed_training(base_config(base_cfg, paths), output / "base" / "run", output)
         base["eval_dir"] = str(output / "base" / "eval")
     per_seed = {}
     for seed in seeds_of(cfg):
         print(f"[derta] experiment seed {seed} ({len(per_seed) + 1}/{cfg.experiment.seeds})", flush=True)
-        per_seed[seed] = run_seed(seeded(cfg, seed), paths, output / "seeds" / f"seed-{seed}", base)
+        per_seed[seed] = run_seed(seeded(cfg, seed), paths, output / "seeds" / f"seed-{seed}", base, output)
     summaries = [run["summary"] for run in per_seed.values()]
     summary, intervals = mean_summary(summaries), interval_summary(summaries)
     curves = mean_curves([run["curves"] for run in per_seed.values()])

@@ -123,6 +123,42 @@ def test_a_changed_config_trains_afresh_and_an_interrupted_one_resumes(tmp_path,
     assert seen[-1] == [] and not timed_training(variant, tmp_path).get("reused")
 
 
+def test_a_copied_experiment_directory_is_still_reused(tmp_path, monkeypatch):
+    """Reuse keys spell paths inside the experiment directory relative to it and the record keeps the checkpoint
+    relative to its run: a copy of DIR elsewhere reuses the copy's runs (not the original's, not a re-training)."""
+    import shutil
+
+    import derta.trainer
+    from derta.config import SourceConfig, load_config
+    from derta.experiment import timed_training, with_updates
+
+    trained = []
+
+    def fake_training(cfg, output):
+        trained.append(output)
+        (output / "final").mkdir(parents=True, exist_ok=True)
+        (output / "run.json").write_text(json.dumps({"total_steps": 3, "rows": 9, "examples_by_kind": {}}))
+        return output / "final"
+
+    monkeypatch.setattr(derta.trainer, "run_training", fake_training)
+
+    def arm(root):  # an arm reading the corpus of `root` and fine-tuning the base of `root`
+        return with_updates(load_config("experiment"),
+                            data={"mode": "derta", "sources": [SourceConfig(path=str(root / "data" / "train.jsonl"))]},
+                            model={"name_or_path": str(root / "base" / "run" / "final")})
+
+    first, copy = tmp_path / "first", tmp_path / "elsewhere" / "copy"
+    run = timed_training(arm(first), first / "seeds" / "seed-0" / "runs" / "derta", first)
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    again = timed_training(arm(copy), copy / "seeds" / "seed-0" / "runs" / "derta", copy)
+    assert again["reused"] and len(trained) == 1
+    assert again["checkpoint"] == str(copy / "seeds" / "seed-0" / "runs" / "derta" / "final")
+    assert again["config_key"] == run["config_key"]
+    other = with_updates(arm(copy), model={"name_or_path": str(tmp_path / "another-base")})  # outside DIR: counts
+    assert not timed_training(other, copy / "seeds" / "seed-0" / "runs" / "derta", copy).get("reused")
+
+
 def test_reused_completions_are_judged_again(tmp_path):
     """rejudge: stored completions get the current judge and coherence verdicts (a stale 'refusal' loop is fixed)."""
     from derta.config import load_config
