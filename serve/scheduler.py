@@ -75,6 +75,8 @@ class DecodeBatch:
         cache = DynamicCache(config=self.model.config)
         check_cache_layers(cache)
         cache.layers = [GrowingLayer() for _ in cache.layers]
+        if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # a config that names no layers
+            cache.layer_class_to_replicate = GrowingLayer
         logits = self._forward(input_ids, new_mask, cache)
         choose_tokens(tickets, logits)
         if self.cache is None:
