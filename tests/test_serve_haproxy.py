@@ -163,3 +163,25 @@ def test_warm_up_opens_that_many_connections_at_once():
         server.server_close()
     assert len(peers) == n and set(paths) == {"/health"}
     assert warm_up(url, 0) == 0  # serve.warmup_connections=0: nothing sent
+
+
+def test_pool_purge_delay_reaches_every_server_and_haproxy_accepts_it(tmp_path):
+    """HAProxy keeps idle connections to the replicas 60 s by default (DERTA_HAPROXY_POOL_PURGE_DELAY; Ray's template
+    leaves HAProxy's 5 s); the config stays valid for the real binary and a second start adds nothing twice; an
+    empty value keeps HAProxy's own."""
+    def default_server_lines(purge: str | None) -> list[str]:
+        config, _ = ray_config(tmp_path)
+        env = {key: value for key, value in os.environ.items() if key != "DERTA_HAPROXY_POOL_PURGE_DELAY"}
+        env |= {"DERTA_HAPROXY_BINARY": real_haproxy(), **({} if purge is None else
+                                                          {"DERTA_HAPROXY_POOL_PURGE_DELAY": purge})}
+        for _ in range(2):
+            check = subprocess.run(["sh", str(WRAPPER), "-c", "-f", str(config)], env=env, capture_output=True,
+                                   text=True, timeout=120)
+            assert check.returncode == 0, check.stdout + check.stderr
+        lines = [line for line in config.read_text().splitlines() if line.strip().startswith("default-server ")]
+        assert lines
+        return lines
+
+    assert all(line.count("pool-purge-delay 60s") == 1 for line in default_server_lines(None))
+    assert all(line.count("pool-purge-delay 2m") == 1 for line in default_server_lines("2m"))
+    assert not any("pool-purge-delay" in line for line in default_server_lines(""))
