@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,15 +17,10 @@ import httpx
 import pytest
 
 from serve.errors import ERROR_TYPES
+from tests.serve_utils import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "serve" / "haproxy_503.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def real_haproxy() -> str:
