@@ -133,6 +133,7 @@ def test_run_local_defaults_blocks_until_sigterm_then_shuts_down(tiny_config, mo
     monkeypatch.setattr(app, "start_local", lambda *args: calls.append(args) or "http://127.0.0.1:1234")
     monkeypatch.setattr(app.serve, "shutdown", lambda: calls.append("shutdown"))
     monkeypatch.setattr(app, "wait_direct_ingress", lambda name, host: ["http://127.0.0.1:30000"])
+    monkeypatch.setattr(app, "warm_up", lambda url, n: calls.append(("warm_up", url, n)) or n)
     original = signal.getsignal(signal.SIGTERM)
 
     def signal_once_waiting():
@@ -142,7 +143,9 @@ def test_run_local_defaults_blocks_until_sigterm_then_shuts_down(tiny_config, mo
 
     threading.Thread(target=signal_once_waiting, daemon=True).start()
     app.run_local(tiny_config)
-    assert calls == [(tiny_config, "/runs/newest/final", None), "shutdown"]
+    # once the app runs: HAProxy's connections to the replica warmed through --port (serve.warmup_connections)
+    assert calls == [(tiny_config, "/runs/newest/final", None),
+                     ("warm_up", "http://127.0.0.1:1234", tiny_config.serve.warmup_connections), "shutdown"]
     out = capsys.readouterr().out
     assert "serving /runs/newest/final at http://127.0.0.1:1234" in out
     assert "direct ingress (no proxy hop): http://127.0.0.1:30000" in out  # serve.direct_ingress: on by default
