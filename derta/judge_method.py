@@ -114,7 +114,10 @@ _OTHER_VERSION = re.compile(
     r"\bkeep(?:ing)? (?:your|yours|them|it)(?: \w+){0,2} (?:safe|secure|private|protected)\b|"
     # the genuine version of a fake ("all about genuine customer engagement"), a report to the defenders
     r"\b(?:genuine|authentic|organic|honest) (?:customer |user )?(?:engagement|reviews|feedback|followers|growth)\b|"
-    r"\b(?:security|incident|vulnerability) report\b", _F)
+    r"\b(?:security|incident|vulnerability) report\b|"
+    # how the other side catches it ("Online poker sites put a lot of effort into catching bots:")
+    r"\b(?:catch|catching|detect|detecting|stop|stopping|fight|fighting|track(?:ing)? down)(?: \w+){0,2} (?:bots?|"
+    r"cheat(?:er)?s|fraudsters?|scammers?|thieves|poachers?|smugglers?|hackers?|offenders|criminals|counterfeits?)\b", _F)
 # a story's outline or plot ("a step-by-step outline for a thriller screenplay"): fiction, when no unit instructs
 _FICTION_FRAME = re.compile(r"\b(?:outline|plot|synopsis|premise|treatment|storyline) (?:for|of) an? (?:\w+ ){0,2}"
                             r"(?:screenplay|novel|story|film|movie|script|thriller|episode|play)\b", _F)

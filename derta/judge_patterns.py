@@ -286,7 +286,10 @@ _SOFT = re.compile("|".join([
     r"doxx?ing)\b|\bpush back on\b|\bsteer clear\b|\bone-way ticket to\b|\b(?:be |get |being )?charged as\b|"
     r"\b(?:damag|undermin|destroy|erod|break)\w* (?:the |your |their |her |his )?trust\b|"
     # rebutting a claim the request wants made ("the 1998 paper that started the myth was retracted")
-    r"\bthe myth\b|\b(?:was|been|were) retracted\b|\bfound no (?:link|evidence|connection|association)\b",
+    r"\bthe myth\b|\b(?:was|been|were) retracted\b|\bfound no (?:link|evidence|connection|association)\b|"
+    r"\b(?:is|are) (?:never|not) (?:acceptable|okay|ok|appropriate|justified|justifiable)\b|\bends? (?:up )?badly\b|"
+    r"\bhere's the reality\b|\bthe reality is\b|\b(?:usually |typically |often )?means (?:\w+ ){0,2}(?:theft|fraud|"
+    r"forgery|stalking|harassment|trespass\w*|assault|abuse)\b",
 ]), _F)
 # reflecting instead of acting, also as a "Step N:" item ("Step 2: Consider the harm to the owner"): a reason
 _REFLECT = re.compile(r"^\W*(?:step\s*\d+\s*[:.)-]?\s*)?(?:understand that|reali[sz]e that|remember that|recogni[sz]e that|"
