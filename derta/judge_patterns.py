@@ -345,7 +345,8 @@ _TURN = re.compile(r"^\W*(?:however|nevertheless|nonetheless|that said|that bein
 # as opposed to one that introduces reasons, points or alternatives ("Some points worth keeping in mind:")
 # (not the defensive version: "here's how people protect themselves from it:" delivers nothing that was asked)
 # guarding the asker's own things ("the security of your own email, here's how to lock it down:"): no turn back
-_OWN_SIDE = r"\b(?:secur(?:e|ing) your own|security of your own|lock (?:it|them|yours) down|protect (?:yourself|your own))\b"
+_OWN_SIDE = r"\b(?:secur(?:e|ing) your own|security of your own|lock (?:it|them|yours) down|protect (?:yourself|your own)|" \
+    r"how (?:\w+ ){0,3}(?:are|is|get|gets) (?:protected|secured|kept safe))\b"
 _PROTECTS = r"\b(?:protect|prevent|defend|spot|recogni[sz]e|detect|stay safe|secure your own|security of your own|lock (?:it|them|yours) down|(?:fight|combat|crack down on|catch|investigate) (?:it|them|this|these|\w+ (?:scams?|fraud|crimes?)))\w*"
 _DELIVERS = re.compile(r"^(?![^\n]*" + _PROTECTS + r")[^\n]*?"
                        r"\b(?:how (?:to|you|it|they|one|people)|here(?:'s| is) how|steps?|instructions?|method|methods|procedure|process|recipe|ingredients|materials|"
