@@ -71,6 +71,7 @@ def test_readme_quotes_the_measured_numbers():
     assert f"| attack_success (103 harmful prompts) | {heldout['attack_success']:.1%}" in readme
     dev = realistic_agreement(DEV)
     assert f"| refused | {dev['refused']:.1%} (dev) |" in readme
-    assert f"| attack_success, dev (468 harmful prompts) | {dev['attack_success']:.1%}" in readme
+    harmful = sum(cell["attack_success"][1] for cell in dev["by_category"].values() if cell.get("attack_success"))
+    assert f"| attack_success, dev ({harmful} harmful prompts) | {dev['attack_success']:.1%}" in readme
     directory = shared_file("xstest-completions", "xstest_v2_completions_gpt4.csv").parent
     assert f"| refused vs complied | {xstest_agreement(directory)['overall']:.1%} (" in readme
