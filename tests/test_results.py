@@ -88,8 +88,9 @@ def test_training_reuse_key_ignores_only_what_an_arm_does_not_use():
     assert training_key(derta) != training_key(with_updates(derta, **rto))
     assert training_key(derta) != training_key(with_updates(derta, data={"k0_fraction": 0.1}))
     assert training_key(derta) == training_key(with_updates(derta, eval={"heldout_split": "dev"}))
-    assert "safe_sentences" not in training_key(derta)["data"]
-    assert training_key(vanilla) != training_key(with_updates(vanilla, data={"safe_sentences": 2}))
+    whole = {"data": {"safe_sentences": None}}  # the default: the whole refusal (the preset sets 2)
+    assert "safe_sentences" not in training_key(with_updates(derta, **whole))["data"]
+    assert training_key(with_updates(vanilla, **whole)) != training_key(with_updates(vanilla, data={"safe_sentences": 2}))
 
 
 def test_a_changed_config_trains_afresh_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
