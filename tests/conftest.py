@@ -58,3 +58,33 @@ def ray_session():
     quiet_data()
     yield ray
     ray.shutdown()
+
+
+# What derta sets for a Ray Serve instance it starts (serve/app.py set_serve_process_env: Serve's mode, HAProxy's
+# binary and ports): `derta serve` keeps them for its own process, a test must not. A leaked one made later tests
+# depend on the order they ran in (a HAProxy binary chosen by an earlier test); tests/serve_utils.py
+# `restored_environ` is what in-process Serve starts use.
+SERVE_ENV_PREFIXES = ("RAY_SERVE_", "DERTA_HAPROXY_", "DERTA_CHOSEN_PORTS")
+
+
+def serve_environ() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key.startswith(SERVE_ENV_PREFIXES)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_env_leak(request):
+    """Fails the module (an error at its teardown) that leaves a Serve/HAProxy variable set or changed, after
+    putting them back so that later modules still start clean."""
+    before = serve_environ()
+    yield
+    after = serve_environ()
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    for key in changed:
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            del os.environ[key]
+    if changed:
+        pytest.fail(f"{request.module.__name__} left Serve's environment changed: "
+                    + ", ".join(f"{key}={after.get(key)!r} (was {before.get(key)!r})" for key in changed)
+                    + "; wrap in-process Serve starts in tests/serve_utils.py restored_environ()", pytrace=False)

@@ -2,14 +2,31 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
+from contextlib import contextmanager
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def restored_environ():
+    """os.environ as it was before, afterwards: `start_local` (what `derta serve` runs) sets Serve's and HAProxy's
+    variables for the Ray instance it starts (serve/app.py set_serve_process_env), which in `derta serve` die with
+    its process but in pytest would reach every later test and the subprocesses they start (tests/conftest.py
+    `no_serve_env_leak` fails a module that leaks one)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
 
 
 def wait_ready(client, timeout: float = 180) -> None:

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from real_models import FAMILIES, copy_tokenizer, tiny_model_dir
+from serve_utils import restored_environ
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -114,9 +115,10 @@ def served(trained):
     registry = ", ".join(f"{family}: {{path: {trained[family][2]}}}" for family in FAMILIES[1:])
     cfg = load_config("tiny", ["serve.ray_actor_options={num_cpus: 0.25}", f"serve.registry={{{registry}}}",
                                "serve.max_new_tokens=16", "serve.model_name=llama3_1"])
-    url = start_local(cfg, str(trained[FAMILIES[0]][2]), free_port())
-    yield url
-    serve.shutdown()
+    with restored_environ():  # start_local sets Serve's variables for this process: none outlives the module
+        url = start_local(cfg, str(trained[FAMILIES[0]][2]), free_port())
+        yield url
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_utils import free_port, sse_events, wait_ready
+from serve_utils import free_port, restored_environ, sse_events, wait_ready
 
 API_KEY = "test-key"
 MAX_INPUT_TOKENS = 256
@@ -40,8 +40,9 @@ def server(ray_session, tiny_config, tiny_path):
 
     cfg = load_config("tiny", overrides(tiny_config, f"serve.api_key={API_KEY}", "serve.batch_wait_timeout_s=0.05",
                                         f"serve.registry={{alias: {{path: {tiny_path}}}}}"))
-    yield start_local(cfg, tiny_path, free_port())
-    serve.shutdown()
+    with restored_environ():  # start_local sets Serve's variables for this process: none outlives the module
+        yield start_local(cfg, tiny_path, free_port())
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ WRAPPER = REPO / "serve" / "haproxy_503.sh"
 
 @pytest.fixture(autouse=True)
 def no_haproxy_choice(monkeypatch):
-    """Each test starts without a chosen HAProxy binary (an in-process `derta serve` earlier in the session may
-    have set one)."""
+    """Each test starts without a chosen HAProxy binary (the shell running the tests, e.g. on a node set up for
+    derta, may name one; tests/conftest.py `no_serve_env_leak` keeps other tests from setting one)."""
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     monkeypatch.delenv("DERTA_HAPROXY_BINARY", raising=False)
 

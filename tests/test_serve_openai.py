@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from serve_utils import free_port, sse_events, wait_ready
+from serve_utils import free_port, restored_environ, sse_events, wait_ready
 
 API_KEY = "oai-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -28,13 +28,14 @@ def server(ray_session, tiny_config, tiny_path):
     cfg = load_config("tiny", [f"model.tiny_dir={tiny_config.model.tiny_dir}", "serve.ray_actor_options={num_cpus: 0.5}",
                                "serve.max_input_tokens=256", f"serve.max_new_tokens={MAX_NEW_TOKENS}",
                                f"serve.api_key={API_KEY}", "serve.batch_wait_timeout_s=0.05"])
-    url = start_local(cfg, tiny_path, free_port())
     import httpx
 
-    with httpx.Client(base_url=url, headers=AUTH, timeout=180) as http:
-        wait_ready(http)
-    yield url
-    serve.shutdown()
+    with restored_environ():  # start_local sets Serve's variables for this process: none outlives the module
+        url = start_local(cfg, tiny_path, free_port())
+        with httpx.Client(base_url=url, headers=AUTH, timeout=180) as http:
+            wait_ready(http)
+        yield url
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
