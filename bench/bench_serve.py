@@ -136,12 +136,12 @@ def start_serve(cfg, path: str, app: bool = True) -> str:
     from ray import serve
 
     from derta.runtime import init_ray
-    from serve.app import bind_app, set_serve_process_env
+    from serve.app import bind_app, http_options, set_serve_process_env
 
     set_serve_process_env(cfg)  # as `derta serve` starts its instance
     init_ray(num_cpus=4)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={**http_options(cfg, port), "host": "127.0.0.1"})
     if app:
         serve.run(bind_app(cfg, path), name="bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}"
@@ -183,6 +183,8 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
         # as `derta serve` does once the app runs (`--set serve.warmup_connections=0`: the cold baseline)
         out["warmup_ok"] = warm_up(paths["port"], cfg.serve.warmup_connections)
     time.sleep(idle_s)  # diagnostic: how long a warm-up lasts (HAProxy purges idle connections over time)
+    if "direct" in paths:  # what the first burst finds: HAProxy's pooled connections to the ingress replica
+        out["replica_connections_before_burst"] = established_to(paths["direct"])
     for round_ in range(1, rounds + 1):
         for path_name, target in paths.items():
             for client in (["asyncio", "threads"] if clients == "both" else [clients]):
@@ -198,6 +200,16 @@ def overload(base_url: str, cfg, path: str, new_tokens: int, connections: str = 
             "/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     serve.delete("overload")
     return out
+
+
+def established_to(url: str) -> int:
+    """Open TCP connections to `url`'s port on this machine (before a burst: HAProxy's idle pool to the replica)."""
+    import psutil
+    from urllib.parse import urlsplit
+
+    port = urlsplit(url).port
+    return sum(c.status == psutil.CONN_ESTABLISHED and bool(c.raddr) and c.raddr.port == port
+               for c in psutil.net_connections(kind="tcp"))
 
 
 def burst_asyncio(url: str, count: int, new_tokens: int, mode: str, tag: str) -> list[dict]:

@@ -259,6 +259,7 @@ def render(opts: RenderOptions) -> dict[str, dict]:
 def serve_config(cfg: DertaConfig, config_arg: str, model: str, opts: RenderOptions) -> dict:
     """serve/serve_config.yaml with the preset's model and DertaModel sizing (serve.* keys) filled in."""
     doc = yaml.safe_load(SERVE_CONFIG.read_text())
+    doc["http_options"]["keep_alive_timeout_s"] = cfg.serve.keep_alive_timeout_s
     (app,) = doc["applications"]
     app["args"] = {"config": config_arg, "model": model}
     env = runtime_env(opts)

@@ -259,6 +259,13 @@ class ServeConfig(Strict):
         32, ge=0, description="`derta serve` sends this many concurrent GET /health through `--port` once the app "
                               "runs under serve.direct_ingress, so that HAProxy's connections to the ingress replica "
                               "and their first requests are paid before the first real burst; 0 = none")
+    keep_alive_timeout_s: int = Field(
+        600, ge=1, le=86400,
+        description="Serve's http_options.keep_alive_timeout_s: how long the ingress replicas (and Serve's proxy) keep "
+                    "an idle HTTP connection open, also HAProxy's client-side `timeout http-keep-alive`. Above the "
+                    "~9 x 60 s in which HAProxy empties its idle pool to the replicas (serve/haproxy_503.sh's "
+                    "pool-purge-delay), so HAProxy, not the replica, decides when a pooled connection closes (Ray's "
+                    "default, 90, closed the warm pool after 90 s of quiet)")
 
 
 # ----------------------------------------------------------------------------------------------- eval

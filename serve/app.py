@@ -173,6 +173,14 @@ def direct_ingress_urls(app_name: str, host: str) -> list[str]:
             for t in group.targets if t.name.startswith("SERVE_REPLICA::")]
 
 
+def http_options(cfg: DertaConfig, port: int) -> dict:
+    """Serve's http_options for the instance `derta serve` starts. keep_alive_timeout_s reaches every ingress
+    replica's HTTP server (uvicorn's keep-alive, direct ingress) and HAProxy's `timeout http-keep-alive`: Ray's 90 s
+    had the replicas close HAProxy's warm idle connections after 90 s of quiet, so the next overload burst paid to
+    open them again; above HAProxy's own purge horizon (serve.keep_alive_timeout_s), HAProxy alone shrinks its pool."""
+    return {"host": cfg.serve.host, "port": port, "keep_alive_timeout_s": cfg.serve.keep_alive_timeout_s}
+
+
 def start_local(cfg: DertaConfig, model: str, port: int | None = None) -> str:
     """Start Ray if needed, Serve's HTTP proxy on `serve.host` and the app at '/'; returns the base URL."""
     from derta.runtime import init_ray
@@ -181,7 +189,7 @@ def start_local(cfg: DertaConfig, model: str, port: int | None = None) -> str:
     set_serve_process_env(cfg)
     init_ray()
     port = port or cfg.serve.port
-    serve.start(http_options={"host": cfg.serve.host, "port": port})
+    serve.start(http_options=http_options(cfg, port))
     serve.run(bind_app(cfg, model), name="derta", route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{port}"
 
@@ -231,9 +239,10 @@ def warm_up(url: str, connections: int) -> int:
     """`connections` concurrent GET /health through `url` (HAProxy on `--port`), once the app is running; returns
     how many answered 200. HAProxy opens a connection to the ingress replica per concurrent request, and the
     replica's event loop accepts them one after another while it answers: without this, the first overload burst
-    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy keeps them idle for a
-    while (serve/haproxy_503.sh sets its `pool-purge-delay` to 60 s; the replicas close them after 90 s idle), so
-    this covers the start-up, not a burst after a long quiet period. /health is cheap, needs no API key and touches
+    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy keeps them idle: all of them
+    for at least two of its `pool-purge-delay`s (60 s, serve/haproxy_503.sh), then fewer each purge; the replicas
+    keep them serve.keep_alive_timeout_s (600 s, `http_options`), so a burst after minutes of quiet still finds
+    them (a burst refreshes the pool: HAProxy's estimate of the connections it needs follows the busiest period). /health is cheap, needs no API key and touches
     no model. A failure here is only printed: serving goes on."""
     import asyncio
 

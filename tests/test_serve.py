@@ -155,6 +155,18 @@ def test_run_local_defaults_blocks_until_sigterm_then_shuts_down(tiny_config, mo
 
 # ============================================================================================ service routes
 @pytest.mark.slow
+def test_serve_runs_with_dertas_keep_alive(server):
+    """start_local gives Serve serve.keep_alive_timeout_s: the HTTP options Serve's controller hands to every
+    ingress replica's HTTP server (direct ingress) and to HAProxy's config (tests/test_serve_haproxy.py)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from derta.config import ServeConfig
+
+    options = ray.get(_get_global_client()._controller.get_http_config.remote())
+    assert options.keep_alive_timeout_s == ServeConfig().keep_alive_timeout_s != 90  # not Ray's default
+
+
 def test_health_is_open_and_everything_else_needs_the_key(client):
     assert client.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}
     for method, route in [("GET", "/ready"), ("GET", "/info"), ("GET", "/v1/models"), ("POST", "/generate"),

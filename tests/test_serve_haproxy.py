@@ -43,14 +43,16 @@ def real_haproxy() -> str:
         return found
 
 
-def ray_config(tmp_path: Path) -> tuple[Path, int]:
+def ray_config(tmp_path: Path, http_options: dict | None = None) -> tuple[Path, int]:
     """haproxy.cfg as Ray Serve renders it (its template, its error page), for one app at '/' whose only replica
-    is at a port nothing listens on; returns (config path, HAProxy's HTTP port)."""
+    is at a port nothing listens on; `http_options`: Serve's (host and port are set here); returns (config path,
+    HAProxy's HTTP port)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions
 
     port = free_port()
-    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=port), socket_path=str(tmp_path / "admin.sock"),
+    options = HTTPOptions(**{**(http_options or {}), "host": "127.0.0.1", "port": port})
+    cfg = HAProxyConfig(http_options=options, socket_path=str(tmp_path / "admin.sock"),
                         server_state_base=str(tmp_path), server_state_file=str(tmp_path / "server-state"),
                         enable_hap_optimization=False, stats_port=free_port(), metrics_port=free_port(),
                         metrics_enabled=False, nbthread=1, log_target=str(tmp_path / "log.sock"),
@@ -200,3 +202,35 @@ def test_pool_purge_delay_reaches_every_server_and_haproxy_accepts_it(tmp_path):
     assert all(line.count("pool-purge-delay 60s") == 1 for line in default_server_lines(None))
     assert all(line.count("pool-purge-delay 2m") == 1 for line in default_server_lines("2m"))
     assert not any("pool-purge-delay" in line for line in default_server_lines(""))
+
+
+def test_replicas_keep_idle_connections_longer_than_haproxy_pools_them(tmp_path):
+    """serve.keep_alive_timeout_s goes into Serve's http_options (`derta serve`, the KubeRay serve config): each
+    ingress replica's HTTP server keeps idle connections that long (Ray's default 90 s closed HAProxy's warm pool
+    after 90 s of quiet) and Ray writes it into HAProxy's config, which the real binary accepts through the script.
+    It outlasts HAProxy's own pool: idle connections all stay for two pool-purge-delays, then each purge closes half
+    of those beyond HAProxy's (halving) estimate of what it needs, so 32 warm ones are gone after 9 purges; the
+    replica never closes one HAProxy still pools."""
+    import re
+
+    from derta.config import load_config
+    from derta.cluster_render import RenderOptions, serve_config
+    from serve.app import http_options
+
+    cfg = load_config("tiny")
+    keep_alive = cfg.serve.keep_alive_timeout_s
+    assert http_options(cfg, 8000)["keep_alive_timeout_s"] == keep_alive
+    cluster = serve_config(cfg, "tiny", "/m", RenderOptions(preset="tiny", image="i"))["http_options"]
+    assert cluster["keep_alive_timeout_s"] == keep_alive
+    assert http_options(load_config("tiny", ["serve.keep_alive_timeout_s=1234"]), 1)["keep_alive_timeout_s"] == 1234
+
+    config, _ = ray_config(tmp_path, http_options(cfg, 8000))
+    env = {key: value for key, value in os.environ.items() if key != "DERTA_HAPROXY_POOL_PURGE_DELAY"}
+    check = subprocess.run(["sh", str(WRAPPER), "-c", "-f", str(config)], env={**env, "DERTA_HAPROXY_BINARY":
+                           real_haproxy()}, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    text = config.read_text()
+    assert f"timeout http-keep-alive {keep_alive}s" in text, text
+    purges = {int(s) for s in re.findall(r"pool-purge-delay (\d+)s", text)}
+    assert purges == {60}, text
+    assert keep_alive > 9 * max(purges)
