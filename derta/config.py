@@ -262,10 +262,10 @@ class ServeConfig(Strict):
     keep_alive_timeout_s: int = Field(
         600, ge=1, le=86400,
         description="Serve's http_options.keep_alive_timeout_s: how long the ingress replicas (and Serve's proxy) keep "
-                    "an idle HTTP connection open, also HAProxy's client-side `timeout http-keep-alive`. Above the "
-                    "~9 x 60 s in which HAProxy empties its idle pool to the replicas (serve/haproxy_503.sh's "
-                    "pool-purge-delay), so HAProxy, not the replica, decides when a pooled connection closes (Ray's "
-                    "default, 90, closed the warm pool after 90 s of quiet)")
+                    "an idle HTTP connection open, also HAProxy's client-side `timeout http-keep-alive`. Longer than "
+                    "HAProxy keeps its idle pool to the replicas (at most ~9 of serve/haproxy_503.sh's 60 s "
+                    "pool-purge-delays), so HAProxy, not the replica, decides when a pooled connection closes (Ray's "
+                    "default, 90, closed the warm pool after 90 s of quiet: bench/README.md)")
 
 
 # ----------------------------------------------------------------------------------------------- eval

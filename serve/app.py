@@ -239,10 +239,10 @@ def warm_up(url: str, connections: int) -> int:
     """`connections` concurrent GET /health through `url` (HAProxy on `--port`), once the app is running; returns
     how many answered 200. HAProxy opens a connection to the ingress replica per concurrent request, and the
     replica's event loop accepts them one after another while it answers: without this, the first overload burst
-    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy keeps them idle: all of them
-    for at least two of its `pool-purge-delay`s (60 s, serve/haproxy_503.sh), then fewer each purge; the replicas
-    keep them serve.keep_alive_timeout_s (600 s, `http_options`), so a burst after minutes of quiet still finds
-    them (a burst refreshes the pool: HAProxy's estimate of the connections it needs follows the busiest period). /health is cheap, needs no API key and touches
+    after start-up paid for all of that (bench/README.md: p50 33-75 -> 21-29 ms). HAProxy keeps them idle and closes
+    them progressively (`pool-purge-delay` 60 s, serve/haproxy_503.sh: 30-32 of 32 left after 120 s of quiet, 4
+    after 300 s); the replicas keep them serve.keep_alive_timeout_s (600 s, `http_options`), so a burst after two
+    minutes of quiet still finds them (bench/README.md). /health is cheap, needs no API key and touches
     no model. A failure here is only printed: serving goes on."""
     import asyncio
 

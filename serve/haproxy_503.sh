@@ -30,9 +30,10 @@ if [ -n "$config" ]; then
     # How long HAProxy keeps idle connections to the replicas before closing half of them (HAProxy's default, 5s,
     # which Ray's template keeps, undid `derta serve`'s warm-up within seconds: bench/README.md), appended to every
     # default-server line of Ray's config: DERTA_HAPROXY_POOL_PURGE_DELAY, default 60s; set it empty to keep HAProxy's
-    # default. Idle connections all stay for two purge delays, then each purge closes half of the surplus over
-    # HAProxy's halving estimate of what it needs (32 are gone after 9); the replicas keep theirs open longer
-    # (serve.keep_alive_timeout_s, 600 s, in Serve's http_options), so HAProxy, not the replica, closes them
+    # default. Each purge closes half of the surplus over HAProxy's estimate of what it needs, an estimate that halves
+    # each purge (per HAProxy thread): of 32 warm connections 30-32 were left after 120 s of quiet, 4 after 300 s
+    # (bench/README.md). The replicas keep theirs open longer (serve.keep_alive_timeout_s, 600 s, in Serve's
+    # http_options), so HAProxy, not the replica, closes them
     purge="${DERTA_HAPROXY_POOL_PURGE_DELAY-60s}"
     if [ -n "$purge" ]; then
         sed -i "/^[[:space:]]*default-server /{/pool-purge-delay/!s/\$/ pool-purge-delay ${purge}/}" "$config"

@@ -208,9 +208,9 @@ def test_replicas_keep_idle_connections_longer_than_haproxy_pools_them(tmp_path)
     """serve.keep_alive_timeout_s goes into Serve's http_options (`derta serve`, the KubeRay serve config): each
     ingress replica's HTTP server keeps idle connections that long (Ray's default 90 s closed HAProxy's warm pool
     after 90 s of quiet) and Ray writes it into HAProxy's config, which the real binary accepts through the script.
-    It outlasts HAProxy's own pool: idle connections all stay for two pool-purge-delays, then each purge closes half
-    of those beyond HAProxy's (halving) estimate of what it needs, so 32 warm ones are gone after 9 purges; the
-    replica never closes one HAProxy still pools."""
+    It outlasts HAProxy's own pool: each purge closes half of the idle connections beyond HAProxy's estimate of what
+    it needs, an estimate that halves each purge, so 32 warm ones are gone after at most 9 purges (sooner with
+    HAProxy's several threads); the replica never closes one HAProxy still pools."""
     import re
 
     from derta.config import load_config
