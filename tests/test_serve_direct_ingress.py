@@ -30,15 +30,32 @@ def read_lines(stream, lines: queue.Queue) -> None:
         lines.put(line)
 
 
+def haproxy_config(root_pid: int) -> str:
+    """The config file of the HAProxy running under process `root_pid` (`-f CONFIG` on its command line)."""
+    import psutil
+
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            args = child.cmdline()
+        except psutil.Error:
+            continue
+        if "-f" in args and Path(args[0]).name in ("haproxy", "haproxy_503.sh"):
+            return Path(args[args.index("-f") + 1]).read_text()
+    raise AssertionError(f"no HAProxy under process {root_pid}")
+
+
 @pytest.mark.slow
 def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry_after(tiny_config, tiny_path,
                                                                                         tmp_path):
     import httpx
 
+    from derta.config import ServeConfig
+
     port = free_port()
     env = dict(os.environ, DERTA_RAY_REUSE="0", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
+    env.pop("DERTA_HAPROXY_POOL_PURGE_DELAY", None)  # the script's default
     sets = [f"model.tiny_dir={tiny_config.model.tiny_dir}",  # serve.direct_ingress: on by default
             "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", "serve.max_batch_size=64",
             f"serve.batch_wait_timeout_s={HOLD_S}", "serve.batch_fill_fraction=0"]
@@ -69,6 +86,11 @@ def test_direct_ingress_serves_without_the_proxy_and_rejects_overload_with_retry
             assert health.status_code == 200 and health.headers.get("x-request-id")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/health").status_code == 200  # the proxy still routes to the same app
+        # the HAProxy Ray started for it (a descendant: driver -> raylet -> HAProxy manager actor -> haproxy) runs
+        # with derta's keep-alive (Serve's http_options, which the replicas' HTTP servers also get) and purge delay
+        haproxy = haproxy_config(proc.pid)
+        keep_alive = ServeConfig().keep_alive_timeout_s
+        assert f"timeout http-keep-alive {keep_alive}s" in haproxy and "pool-purge-delay 60s" in haproxy, haproxy
 
         for base in (f"http://127.0.0.1:{port}", direct):  # --port (HAProxy in front), then the replica's own
             def one(i: int, base=base):
