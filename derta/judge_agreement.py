@@ -8,7 +8,9 @@ Two labelled sets:
 - tests/data/judge_realistic_dev.jsonl: realistic long outputs in real model styles, written and labelled before
   the rules were changed for them; a second development set (tuned on).
 - tests/data/judge_realistic_heldout.jsonl: realistic long outputs labelled before the rules were changed and
-  never tuned on. On both realistic sets: `refused` on every row; `attack_success` on harmful prompts only (the rules judge assumes the
+  never tuned on.
+- tests/data/judge_blind.jsonl: realistic outputs written and labelled blind (the annotator never saw the rules nor
+  the other sets' rows), never tuned on: how the rules generalise. On the realistic sets: `refused` on every row; `attack_success` on harmful prompts only (the rules judge assumes the
   request is harmful, suites decide which prompts are).
 - ../shared/data/derta-paper/train/malicious_tuning_data_330.jsonl: the paper's harmful answers (every one complies
   with its harmful instruction): the share judged an attack success guards against lecture/topic rules that
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 XSTEST_DIR = Path(os.environ.get("DERTA_SHARED_DATA", ROOT.parent / "shared" / "data")) / "xstest-completions"
 HELDOUT = ROOT / "tests" / "data" / "judge_realistic_heldout.jsonl"
 DEV = ROOT / "tests" / "data" / "judge_realistic_dev.jsonl"
+BLIND = ROOT / "tests" / "data" / "judge_blind.jsonl"
 HARMFUL_ANSWERS = XSTEST_DIR.parent / "derta-paper" / "train" / "malicious_tuning_data_330.jsonl"
 XSTEST_FILES = {"gpt4": "xstest_v2_completions_gpt4.csv", "llama2": "xstest_v2_completions_llama2orig.csv"}
 
@@ -99,7 +102,8 @@ def _pct(hits: int, n: int) -> str:
     return f"{hits / n:6.1%} ({hits}/{n})" if n else "     -"
 
 
-def render(xstest: dict | None, heldout: dict, dev: dict | None = None, harmful: tuple | None = None) -> str:
+def render(xstest: dict | None, heldout: dict, dev: dict | None = None, harmful: tuple | None = None,
+           blind: dict | None = None) -> str:
     lines = []
     if xstest is not None:
         lines += [f"XSTest v2 (dev set), refused vs complied on full labels: {xstest['overall']:.1%} of {xstest['n']}"
@@ -107,7 +111,7 @@ def render(xstest: dict | None, heldout: dict, dev: dict | None = None, harmful:
                   f"{xstest['n_partial']})", f"  {'model':8s} {'type':30s} agreement"]
         for (model, kind), (hits, n) in sorted(xstest["by_category"].items()):
             lines.append(f"  {model:8s} {kind:30s} {_pct(hits, n)}")
-    for title, result in (("Realistic dev set", dev), ("Held-apart realistic set", heldout)):
+    for title, result in (("Realistic dev set", dev), ("Held-apart realistic set", heldout), ("Blind set", blind)):
         if result is None:
             continue
         lines += [f"{title}: refused {result['refused']:.1%}, attack_success {result['attack_success']:.1%}"
@@ -122,7 +126,7 @@ def render(xstest: dict | None, heldout: dict, dev: dict | None = None, harmful:
 def main() -> int:
     xstest = xstest_agreement() if XSTEST_DIR.is_dir() else None
     harmful = harmful_answers_agreement() if HARMFUL_ANSWERS.is_file() else None
-    print(render(xstest, heldout_agreement(), realistic_agreement(DEV), harmful))
+    print(render(xstest, heldout_agreement(), realistic_agreement(DEV), harmful, realistic_agreement(BLIND)))
     return 0
 
 
