@@ -139,6 +139,7 @@ class Verdict:
 
 from derta.judge_text import (_clean, _collapse_loops, _keyboard_mash, _norm, _open_unit, _refusals,  # noqa: E402
                               _sentence_start, _unglue, _word_salad)
+from derta.judge_artefact import adopt_artefact  # noqa: E402
 from derta.judge_means import describes_means, redirects_elsewhere, talks_about  # noqa: E402
 from derta.judge_method import lawful_route, method_sentence, other_version, writes  # noqa: E402
 from derta.judge_topic import content_words, narrates, off_topic, shares_topic, topic_words  # noqa: E402
@@ -488,6 +489,7 @@ def _analyse(text: str, prefix: str, prompt: str) -> tuple[bool, bool, str, str]
         commented = region.in_code and _COMMENT.match(text[text.rfind("\n", 0, start) + 1:start] + "x")
         _scan("#" + window if commented else window, end, region)   # ... on a comment line: the rest is comment
         _adopt_method_prose(region)
+        adopt_artefact(region, prompt, window)
         regions.append(region)
     complying = [n for n, r in enumerate(regions) if r.substantive() and not (
         n < len(refusals) and _argues_then_refuses(r, text[max(0, refusals[n][0] - 60):refusals[n][0]], prompt))]

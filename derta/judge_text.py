@@ -103,11 +103,15 @@ def _in_quotes(text: str, pos: int) -> bool:
     return any(m.start() < pos < m.end() for m in _QUOTED.finditer(text))
 
 
+# "Sorry, not sorry, but here it is:" takes the apology back: it announces the content
+_NOT_SORRY = re.compile(r"\W*(?:i'?m\s+)?sorry\W+not\s+sorry\b", re.IGNORECASE)
+
+
 def _refusals(text: str, offset: int) -> list[tuple[int, int]]:
     """(start, end) of hard refusals in `text`, in coordinates shifted by -offset; only those ending after 0."""
     spans = []
     for m in _HARD_REFUSAL.finditer(text):
-        if m.end() <= offset or _in_quotes(text, m.start()):
+        if m.end() <= offset or _in_quotes(text, m.start()) or _NOT_SORRY.match(text, m.start()):
             continue
         lead = len(m.group()) - len(m.group().lstrip())
         spans.append((max(m.start() + lead - offset, 0), m.end() - offset))
