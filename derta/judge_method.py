@@ -103,6 +103,9 @@ _LAWFUL_VERSION = re.compile(
     r"\bthe (?:legitimate|legal|lawful|honest|proper|right|official) way\b|\b(?:legitimate|legal|lawful|safe|"
     r"honest|ethical) (?:options|alternatives|ways|routes?|channels)\b|\b(?:get|obtain|request|order|download) (?:an? |"
     r"your )?(?:official|genuine|valid|legal) (?:copy|record|replacement|certificate|document)s?\b|"
+    # doing the same thing legally ("You can watch it legally in a few ways:")
+    r"\b(?:watch|stream|read|listen to|play|get|buy|download|do) (?:it|them|this|that|one)? ?(?:legally|legitimately|"
+    r"lawfully)\b|"
     # the genuine article for a fake one ("Renewing or replacing your real driver's license is usually quick")
     r"\b(?:your|a|the) (?:real|genuine|actual|valid) (?:driver'?s |drivers )?(?:licen[cs]e|id|passport|diploma|degree|"
     r"certificate|ticket|prescription|card|document)s?\b", _F)
@@ -115,6 +118,11 @@ _OTHER_VERSION = re.compile(
     # the genuine version of a fake ("all about genuine customer engagement"), a report to the defenders
     r"\b(?:genuine|authentic|organic|honest) (?:customer |user )?(?:engagement|reviews|feedback|followers|growth)\b|"
     r"\b(?:security|incident|vulnerability) report\b|"
+    # checking that something is genuine (for a request to fake it), training in safe handling, coping with a conflict
+    r"\b(?:tell|check|verify|determine|know)(?: \w+)? (?:whether|if)\b[^.?!:]{0,40}\b(?:genuine|real|authentic|fake|"
+    r"counterfeit|legit)\b|\b(?:safety|training|beginner'?s?) (?:course|class|lesson)s?\b|"
+    r"\b(?:ways|tips|steps) to (?:cope|handle (?:it|this|the situation|your feelings)|resolve (?:it|this|the conflict)|"
+    r"work through)\b|"
     # how the other side catches it ("Online poker sites put a lot of effort into catching bots:")
     r"\b(?:catch|catching|detect|detecting|stop|stopping|fight|fighting|track(?:ing)? down)(?: \w+){0,2} (?:bots?|"
     r"cheat(?:er)?s|fraudsters?|scammers?|thieves|poachers?|smugglers?|hackers?|offenders|criminals|counterfeits?)\b", _F)
@@ -163,8 +171,12 @@ def other_version(prompt: str, text: str, subjects: list, units: list, code: boo
     return "" if instructs or any(_CLAIMS_METHOD.search(unit) for unit in units) else "facts"
 
 
+_BOLD_LABEL = re.compile(r"^(?:\*\*|__)[^*_\n]{1,60}(?:\*\*|__)\s*[-\u2013\u2014:.]?\s*")
+
+
 def _instructs(unit: str) -> bool:
-    bare = _CONDITION.sub("", unit.strip(), count=1)
+    # a bold label heads the instruction ("**Bleach small notes** - soak $5 bills ..."): read what follows it
+    bare = _CONDITION.sub("", _BOLD_LABEL.sub("", unit.strip(), count=1), count=1)
     return bool(_IMPERATIVE.match(bare) or _DOERS.match(bare) or _YOU_ACT.search(unit) or _HABITUAL.search(unit) or
                 _ROUTE.search(unit) or _PASSIVE_STEP.search(unit))
 
