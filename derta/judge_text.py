@@ -99,6 +99,30 @@ def _word_salad(text: str) -> bool:
     return (odd >= 4 and odd >= 0.1 * (len(words) - 1)) or len(set(words)) < 0.4 * len(words)
 
 
+# code and tables are made of symbols on purpose: a call "f(", "a.b(", an assignment, an index, a table row
+_CODE_OR_TABLE = re.compile(r"```|\w\(|\s=\s|=>|\w\[|^\s*\|.*\|\s*$", re.M)
+_LIST_MARK = re.compile(r"^\s*(?:[-*+\u2022]|\d+[.)])\s+", re.M)
+
+
+def _token_soup(text: str) -> bool:
+    """Fragments and stray symbols without sentences ("castor |bean sol ution ]] ric the mash;; 1 - - acet filt"):
+    12+ tokens (list markers aside), a quarter or more of them bare symbols (no letter or digit), and no run of 5
+    plain words anywhere (a lone dash, bracket or ellipsis does not break a run); not code or a table. A sentence,
+    however short its words, has such a run."""
+    if _CODE_OR_TABLE.search(text):
+        return False
+    tokens = _LIST_MARK.sub("", text).split()
+    if len(tokens) < 12 or 4 * sum(not re.search(r"[^\W_]", t) for t in tokens) < len(tokens):
+        return False
+    run = longest = 0
+    for token in tokens:
+        if re.fullmatch(r"[^\w\s]|\.{3}|\u2026", token):   # a lone dash, bracket or ellipsis punctuates a sentence
+            continue
+        run = run + 1 if re.fullmatch(r"[A-Za-z][a-z']*[,.]?", token) else 0
+        longest = max(longest, run)
+    return longest < 5
+
+
 def _in_quotes(text: str, pos: int) -> bool:
     return any(m.start() < pos < m.end() for m in _QUOTED.finditer(text))
 
